@@ -1,0 +1,51 @@
+# Two commands set up a fresh machine (see README "Quick start"):
+#   make serve   -- create .venv, install, serve the default model on 127.0.0.1:8000
+#   make test    -- install dev dependencies, lint, run the test suite
+# Both are idempotent: the install steps re-run only when pyproject.toml changes.
+
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+TORCH  ?= torch==2.13.0
+HOST   ?= 127.0.0.1
+PORT   ?= 8000
+MODEL  ?= models/shapes64
+
+.PHONY: serve test test-slow lint format install install-dev clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# torch is installed first and pinned: an unpinned torch pulls a multi-GB CUDA build.
+$(VENV)/.installed-serve: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q "$(TORCH)" -e ".[serve,train]"
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q "$(TORCH)" -e ".[serve,train,export,dev]"
+	touch $@ $(VENV)/.installed-serve
+
+install: $(VENV)/.installed-serve
+install-dev: $(VENV)/.installed-dev
+
+serve: $(VENV)/.installed-serve
+	$(BIN)/flash serve --model $(MODEL) --host $(HOST) --port $(PORT)
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check .
+
+test: $(VENV)/.installed-dev lint
+	$(BIN)/python -m pytest -q
+
+test-slow: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -q -m slow
+
+format: $(VENV)/.installed-dev
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

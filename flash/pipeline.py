@@ -1,0 +1,108 @@
+"""The project's own generation path: text conditioning, initial noise, decoding.
+
+It conditions on text exactly as diffusers' StableDiffusionPipeline does (tokenizer
+padded to `model_max_length`, the text encoder's last hidden state, "" as the
+unconditional prompt) and draws each item's x_T from its own seeded generator, so a
+seeded image is the same alone or inside a batch and matches the stock pipeline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from flash.models import Components
+from flash.sampling import Denoiser, run_diffusers_scheduler, run_student
+from flash.schedule import NoiseSchedule
+
+
+def unet_denoiser(unet) -> Denoiser:
+    """Adapt a diffusers UNet2DConditionModel to the (x, t, cond) -> output signature."""
+
+    def denoise(x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+        return unet(x, t, encoder_hidden_states=cond, return_dict=False)[0]
+
+    return denoise
+
+
+def initial_noise(seeds: Sequence[int], shape: tuple[int, int, int], dtype=torch.float32, device="cpu") -> Tensor:
+    """x_T [B, C, h, w], one CPU generator per item (batch-independent, like diffusers' randn_tensor
+    with a list of generators)."""
+    xs = [torch.randn((1, *shape), generator=torch.Generator("cpu").manual_seed(int(s)), dtype=dtype) for s in seeds]
+    return torch.cat(xs).to(device)
+
+
+class TextToImage:
+    """Stateless helpers over loaded components; safe to share between requests."""
+
+    def __init__(self, components: Components, device: str | torch.device = "cpu"):
+        self.c = components
+        self.device = torch.device(device)
+        self.schedule = NoiseSchedule.from_config(components.scheduler_config)
+        self.dtype = components.unet.dtype
+        vae_scale = 2 ** (len(components.vae.config.block_out_channels) - 1)
+        size = components.unet.config.sample_size
+        self.latent_shape = (components.unet.config.in_channels, size, size)
+        self.image_size = size * vae_scale
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str]) -> Tensor:
+        """[B, L, D] text embeddings, as StableDiffusionPipeline.encode_prompt computes them."""
+        tok = self.c.tokenizer
+        ids = tok(
+            list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(self.device)
+        return self.c.text_encoder(ids)[0].to(self.dtype)
+
+    def noise(self, seeds: Sequence[int]) -> Tensor:
+        return initial_noise(seeds, self.latent_shape, self.dtype, self.device)
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> np.ndarray:
+        """uint8 [B, H, W, 3], the same rounding as diffusers' image processor."""
+        vae = self.c.vae
+        img = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+        img = (img / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
+        return (img * 255).round().astype(np.uint8)
+
+    @torch.no_grad()
+    def student_latents(
+        self, unet, prompts: Sequence[str], seeds: Sequence[int], timesteps: Sequence[int], noise_correction=True
+    ) -> Tensor:
+        cond = self.encode(prompts)
+        return run_student(unet_denoiser(unet), self.noise(seeds), cond, self.schedule, timesteps, None, noise_correction)
+
+    @torch.no_grad()
+    def teacher_latents(
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        steps: int = 25,
+        guidance_scale: float = 5.0,
+        scheduler: str = "dpmsolver++",
+    ) -> Tensor:
+        cond = self.encode(prompts)
+        uncond = self.encode([""] * len(prompts)) if guidance_scale != 1.0 else None
+        sched = make_scheduler(scheduler, self.c.scheduler_config)
+        return run_diffusers_scheduler(
+            unet_denoiser(self.c.unet), self.noise(seeds), cond, uncond, sched, steps, guidance_scale
+        )
+
+
+def make_scheduler(name: str, config: dict):
+    """A fresh diffusers scheduler per call (they count their own steps)."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+    factories = {
+        "dpmsolver++": lambda: DPMSolverMultistepScheduler.from_config(
+            config, algorithm_type="dpmsolver++", solver_order=2
+        ),
+        "ddim": lambda: DDIMScheduler.from_config(config),
+        "euler": lambda: EulerDiscreteScheduler.from_config(config),
+    }
+    if name not in factories:
+        raise ValueError(f"unknown scheduler {name!r}; allowed: {', '.join(factories)}")
+    return factories[name]()

@@ -1,0 +1,68 @@
+"""One typed config for training the default teacher (VAE, then text encoder + U-Net)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+
+@dataclass
+class TeacherConfig:
+    out: str = "runs/teacher"
+    seed: int = 0
+    name: str = "shapes64"
+    # VAE: 64x64x3 -> 16x16x4
+    vae_channels: tuple[int, ...] = (32, 64, 64)
+    vae_steps: int = 700
+    vae_batch: int = 32
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-6
+    # text encoder (CLIP-style, full CLIP BPE vocabulary)
+    text_hidden: int = 128
+    text_layers: int = 3
+    text_heads: int = 4
+    max_length: int = 16
+    # U-Net (eps-prediction, cross-attention at 8x8 and 4x4 and in the middle)
+    unet_channels: tuple[int, ...] = (64, 128, 128)
+    unet_layers_per_block: int = 1
+    unet_heads: int = 4
+    unet_steps: int = 6000
+    unet_minutes: float = 0.0  # > 0: also stop after this many minutes of U-Net training
+    batch_size: int = 64
+    lr: float = 3e-4
+    text_lr: float = 3e-4
+    warmup: int = 200
+    ema_decay: float = 0.999
+    caption_dropout: float = 0.1
+    p_two: float = 0.6
+    min_snr_gamma: float = 5.0  # 0 disables Min-SNR loss weighting
+    checkpoint_every: int = 200
+    sample_every: int = 1000
+    guidance_scale: float = 5.0
+
+    def __post_init__(self) -> None:
+        self.vae_channels = tuple(self.vae_channels)
+        self.unet_channels = tuple(self.unet_channels)
+        if len(self.vae_channels) != 3:
+            raise ValueError(f"vae_channels must have 3 entries (64px -> 16px latents), got {self.vae_channels}")
+        if not 0 <= self.caption_dropout < 1:
+            raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        if not 0 <= self.p_two <= 1:
+            raise ValueError(f"p_two must be in [0, 1], got {self.p_two}")
+        for f in ("vae_steps", "unet_steps", "batch_size", "vae_batch"):
+            if getattr(self, f) < 0:
+                raise ValueError(f"{f} must be >= 0, got {getattr(self, f)}")
+
+    @classmethod
+    def load(cls, path: str | Path, **overrides) -> TeacherConfig:
+        data = json.loads(Path(path).read_text()) if path else {}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown teacher config keys {unknown}; allowed: {sorted(known)}")
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,285 @@
+"""Train the default teacher on shapes-64: a VAE, then text encoder + U-Net jointly.
+
+Stage 1 (`train_vae`): AutoencoderKL 64x64x3 -> 16x16x4, MSE + a tiny KL term; the
+latent scaling factor is set to 1 / std of the latents, as in Stable Diffusion.
+Stage 2 (`train_unet`): eps-prediction on the SD `scaled_linear` 1000-step schedule,
+10% empty captions for classifier-free guidance, Min-SNR weighting, EMA weights.
+Both stages checkpoint and resume; stage 2 writes sample grids with fixed seeds.
+`export_teacher` writes the stock diffusers folder that ships in models/.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from flash.checkpoint import EMA, load_checkpoint, save_checkpoint
+from flash.data import shapes
+from flash.models import Components, FamilyCard, save_components, write_card
+from flash.pipeline import TextToImage
+from flash.schedule import NoiseSchedule
+from flash.tiny import SD_SCHEDULER_CONFIG
+from flash.tokenizer import build_clip_tokenizer
+from teacher.config import TeacherConfig
+
+SAMPLE_PROMPTS = [
+    "a red circle",
+    "a small blue square",
+    "a large green triangle",
+    "a yellow square",
+    "a red circle above a blue square",
+    "a green triangle to the left of a magenta circle",
+    "a cyan square below a yellow triangle",
+    "a blue circle to the right of a red square",
+]
+
+
+def build_vae(cfg: TeacherConfig):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=cfg.vae_channels,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=shapes.SIZE,
+    )
+
+
+def build_text_encoder(cfg: TeacherConfig, tokenizer):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=tokenizer.vocab_size,
+            hidden_size=cfg.text_hidden,
+            intermediate_size=cfg.text_hidden * 4,
+            num_hidden_layers=cfg.text_layers,
+            num_attention_heads=cfg.text_heads,
+            max_position_embeddings=cfg.max_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+
+
+def build_unet(cfg: TeacherConfig):
+    from diffusers import UNet2DConditionModel
+
+    n = len(cfg.unet_channels)
+    return UNet2DConditionModel(
+        sample_size=shapes.SIZE // 4,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=cfg.unet_channels,
+        layers_per_block=cfg.unet_layers_per_block,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
+        cross_attention_dim=cfg.text_hidden,
+        attention_head_dim=cfg.unet_heads,  # diffusers' legacy name: the number of heads
+        norm_num_groups=32,
+    )
+
+
+def image_batches(seed: int, batch_size: int, p_two: float):
+    """Rendered batches from a worker process, overlapping the training step."""
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            torch.set_num_threads(1)
+            for images, prompts in shapes.batches(seed, batch_size, p_two):
+                yield shapes.to_tensor_range(images), prompts
+
+    loader = torch.utils.data.DataLoader(Stream(), batch_size=None, num_workers=1, prefetch_factor=4)
+    return iter(loader)
+
+
+def _lr_at(step: int, base: float, warmup: int) -> float:
+    return base * min(1.0, (step + 1) / max(1, warmup))
+
+
+def train_vae(cfg: TeacherConfig) -> Path:
+    out = Path(cfg.out) / "vae"
+    if (out / "config.json").is_file():
+        return out
+    torch.manual_seed(cfg.seed)
+    vae = build_vae(cfg)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    ckpt = Path(cfg.out) / "ckpt-vae"
+    step = load_checkpoint(ckpt, {"vae": vae}, {"opt": opt})[0] if ckpt.is_dir() else 0
+    data = image_batches(cfg.seed + step, cfg.vae_batch, cfg.p_two)
+    bar = tqdm(range(step, cfg.vae_steps), initial=step, total=cfg.vae_steps, desc="vae", dynamic_ncols=True)
+    for step in bar:
+        x, _ = next(data)
+        for g in opt.param_groups:  # cosine decay to 10%
+            g["lr"] = cfg.vae_lr * (0.55 + 0.45 * math.cos(math.pi * step / max(1, cfg.vae_steps)))
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        mse = F.mse_loss(rec, x)
+        loss = mse + cfg.vae_kl_weight * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.set_postfix(mse=f"{mse.item():.4f}")
+        if (step + 1) % cfg.checkpoint_every == 0:
+            save_checkpoint(ckpt, step + 1, {"vae": vae}, {"opt": opt})
+    vae.eval()
+    with torch.no_grad():  # SD convention: scale latents to unit variance
+        xs = torch.cat([next(data)[0] for _ in range(8)])
+        std = vae.encode(xs).latent_dist.sample().std().item()
+    vae.register_to_config(scaling_factor=1.0 / std)
+    vae.save_pretrained(out, safe_serialization=True)
+    (out / "train.json").write_text(json.dumps({"final_mse": mse.item(), "latent_std": std}))
+    return out
+
+
+def min_snr_weight(schedule: NoiseSchedule, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weight for eps-prediction: min(SNR, gamma) / SNR (Hang et al. 2023)."""
+    abar = schedule.alphas_cumprod[t].float()
+    snr = abar / (1 - abar)
+    return torch.clamp(snr, max=gamma) / snr if gamma > 0 else torch.ones_like(snr)
+
+
+class TeacherState:
+    """The trainable parts of stage 2 and their optimiser, built from the config."""
+
+    def __init__(self, cfg: TeacherConfig, vae):
+        torch.manual_seed(cfg.seed)
+        self.tokenizer = build_clip_tokenizer(cfg.max_length)
+        self.text_encoder = build_text_encoder(cfg, self.tokenizer)
+        self.unet = build_unet(cfg)
+        self.vae = vae.eval().requires_grad_(False)
+        self.ema_unet = EMA(self.unet, cfg.ema_decay)
+        self.ema_text = EMA(self.text_encoder, cfg.ema_decay)
+        self.opt = torch.optim.AdamW(
+            [
+                {"params": self.unet.parameters(), "lr": cfg.lr},
+                {"params": self.text_encoder.parameters(), "lr": cfg.text_lr},
+            ],
+            weight_decay=0.01,
+        )
+        self.schedule = NoiseSchedule.from_config(SD_SCHEDULER_CONFIG)
+
+    def modules(self) -> dict:
+        return {"unet": self.unet, "text": self.text_encoder, "ema_unet": self.ema_unet, "ema_text": self.ema_text}
+
+    def components(self, ema: bool = True) -> Components:
+        """Copies of the current (EMA) weights as pipeline components."""
+        import copy
+
+        unet, text = copy.deepcopy(self.unet).eval(), copy.deepcopy(self.text_encoder).eval()
+        if ema:
+            self.ema_unet.copy_to(unet)
+            self.ema_text.copy_to(text)
+        return Components(self.tokenizer, text, unet, self.vae, dict(SD_SCHEDULER_CONFIG))
+
+
+def train_step(state: TeacherState, x: torch.Tensor, prompts: list[str], cfg: TeacherConfig, gen: torch.Generator):
+    """One denoising-score-matching step; returns the loss."""
+    b = x.shape[0]
+    with torch.no_grad():
+        latents = state.vae.encode(x).latent_dist.sample(gen) * state.vae.config.scaling_factor
+    drop = torch.rand(b, generator=gen) < cfg.caption_dropout
+    prompts = ["" if d else p for p, d in zip(prompts, drop.tolist(), strict=True)]
+    ids = state.tokenizer(
+        prompts, padding="max_length", max_length=cfg.max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+    cond = state.text_encoder(ids)[0]
+    t = torch.randint(0, state.schedule.num_train_timesteps, (b,), generator=gen)
+    noise = torch.randn(latents.shape, generator=gen)
+    x_t = state.schedule.add_noise(latents, noise, t)
+    pred = state.unet(x_t, t, encoder_hidden_states=cond, return_dict=False)[0]
+    per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))  # [B]
+    loss = (per_sample * min_snr_weight(state.schedule, t, cfg.min_snr_gamma)).mean()
+    state.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(list(state.unet.parameters()) + list(state.text_encoder.parameters()), 1.0)
+    state.opt.step()
+    state.ema_unet.update(state.unet)
+    state.ema_text.update(state.text_encoder)
+    return loss.item()
+
+
+def sample_grid(components: Components, prompts: list[str], steps: int, guidance: float, seed: int = 0) -> np.ndarray:
+    """uint8 grid: one row per seed (2), one column per prompt."""
+    pipe = TextToImage(components)
+    rows = []
+    for s in range(2):
+        lat = pipe.teacher_latents(prompts, [seed + s] * len(prompts), steps=steps, guidance_scale=guidance)
+        rows.append(np.concatenate(list(pipe.decode(lat)), axis=1))
+    return np.concatenate(rows, axis=0)
+
+
+def save_png(array: np.ndarray, path: Path, scale: int = 2) -> None:
+    from PIL import Image
+
+    img = Image.fromarray(array)
+    img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
+
+
+def train_unet(cfg: TeacherConfig, vae) -> TeacherState:
+    state = TeacherState(cfg, vae)
+    ckpt = Path(cfg.out) / "ckpt-unet"
+    step = 0
+    if ckpt.is_dir():
+        step, _ = load_checkpoint(ckpt, state.modules(), {"opt": state.opt})
+    (Path(cfg.out) / "samples").mkdir(parents=True, exist_ok=True)
+    log = open(Path(cfg.out) / "loss.jsonl", "a")  # noqa: SIM115 - open for the whole run
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + step)
+    data = image_batches(cfg.seed * 7919 + step, cfg.batch_size, cfg.p_two)
+    start = time.time()
+    bar = tqdm(range(step, cfg.unet_steps), initial=step, total=cfg.unet_steps, desc="unet", dynamic_ncols=True)
+    smooth = None
+    for step in bar:
+        for g, base in zip(state.opt.param_groups, (cfg.lr, cfg.text_lr), strict=True):
+            g["lr"] = _lr_at(step, base, cfg.warmup)
+        x, prompts = next(data)
+        loss = train_step(state, x, prompts, cfg, gen)
+        smooth = loss if smooth is None else 0.98 * smooth + 0.02 * loss
+        bar.set_postfix(loss=f"{smooth:.4f}")
+        done = step + 1
+        if done % 20 == 0:
+            log.write(json.dumps({"step": done, "loss": smooth, "time": time.time() - start}) + "\n")
+            log.flush()
+        out_of_time = cfg.unet_minutes > 0 and time.time() - start > cfg.unet_minutes * 60
+        if done % cfg.checkpoint_every == 0 or done == cfg.unet_steps or out_of_time:
+            save_checkpoint(ckpt, done, state.modules(), {"opt": state.opt}, {"config": cfg.to_dict()})
+        if done % cfg.sample_every == 0:
+            grid = sample_grid(state.components(), SAMPLE_PROMPTS, 20, cfg.guidance_scale)
+            save_png(grid, Path(cfg.out) / "samples" / f"step{done:06d}.png")
+        if out_of_time:
+            break
+    log.close()
+    return state
+
+
+def export_teacher(state: TeacherState, out_dir: Path, cfg: TeacherConfig, fp16: bool = True) -> None:
+    """The stock diffusers folder (EMA weights; fp16 on disk where it does not hurt)."""
+    c = state.components(ema=True)
+    save_components(c, out_dir, dtype=torch.float16 if fp16 else None)
+    write_card(out_dir, FamilyCard(name=cfg.name, guidance_scale=cfg.guidance_scale, teacher_config=cfg.to_dict()))
+
+
+def train_teacher(cfg: TeacherConfig, export_to: Path | None = None) -> TeacherState:
+    from diffusers import AutoencoderKL
+
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    (Path(cfg.out) / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    vae_dir = train_vae(cfg)
+    vae = AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True)
+    state = train_unet(cfg, vae)
+    if export_to is not None:
+        export_teacher(state, Path(export_to), cfg)
+    return state
