@@ -77,3 +77,18 @@ def write_tiny_pipeline(path: Path, seed: int = 0) -> Path:
     """A stock-loadable tiny diffusers folder on disk."""
     save_components(tiny_components(seed), Path(path))
     return Path(path)
+
+
+def write_tiny_family(path: Path, seed: int = 0) -> Path:
+    """A tiny family folder: teacher + 1/2/3-step students (random U-Nets, valid cards)."""
+    from flash.models import FamilyCard, StudentCard, save_student, write_card
+    from flash.scheduler import DEFAULT_TIMESTEPS
+
+    path = Path(path)
+    c = tiny_components(seed)
+    save_components(c, path)
+    write_card(path, FamilyCard(name="tiny", version="tiny-0", guidance_scale=5.0))
+    for steps, ts in DEFAULT_TIMESTEPS.items():
+        card = StudentCard(steps=steps, timesteps=ts, version="tiny-0")
+        save_student(c.unet, card, path / "students" / f"{steps}-step", c.scheduler_config)
+    return path
