@@ -5,8 +5,9 @@ Pipeline for one image (uint8 [64, 64, 3]):
 2. Colour per object pixel: the palette colour whose background->colour *line* passes
    closest to the pixel. An anti-aliased edge pixel is a mix bg + a * (colour - bg), so it
    lies on that line whatever its coverage a; nearest-*point* matching would misread such
-   mixes (half-covered yellow is nearer to the background than to any colour). Pixels
-   farther than COLOR_TOLERANCE from every line (grey, black, far-off hues) are "unknown".
+   mixes (half-covered yellow is nearer to the background than to any colour). A pixel
+   both far from and at a wide angle to every line (greys, black, far-off hues) is
+   "unknown" (COLOR_ANGLE, COLOR_RESIDUAL).
 3. Connected components per colour (scipy.ndimage.label, 4-connectivity); components below
    MIN_AREA pixels are specks (noise, stray mislabelled edge pixels) and are dropped.
 4. Each kept component is measured with soft coverage a in [0, 1] (projection on its
@@ -17,6 +18,13 @@ Pipeline for one image (uint8 [64, 64, 3]):
    offset of the mass centroid from the box centre (an upward triangle is bottom-heavy).
    Shape = nearest prototype in (fill, 2 * offset): circle (pi/4, 0), square (1, 0),
    triangle (1/2, 1/3); "unknown" when farther than SHAPE_TOLERANCE from all.
+5. Judging a prompt: each asked object is matched to a distinct detection of its colour
+   (the assignment passing most checks); `color` = all matched, `shape` / `size` = matched
+   with the asked shape / size word, `spatial` = the lenient relation check on the matched
+   centres (sign along the relation's axis, beyond SPATIAL_MARGIN px; the dataset itself
+   keeps centres >= (d1 + d2) / 2 + 4 px apart, a generated image need only get the order
+   right), `overall` = every asked check passes and there are no other objects (any
+   colour, "unknown" included).
 """
 
 from __future__ import annotations
@@ -31,8 +39,8 @@ from scipy import ndimage
 
 from flash.data.shapes import BACKGROUND, COLORS, SIZE, ObjSpec, PromptSpec, parse_prompt
 
-# A pixel is an object pixel when its RGB distance to the background exceeds this: ~17 %
-# coverage of red/green/blue/cyan (|colour - bg| = 291), ~23 % of yellow/magenta (206);
+# A pixel is an object pixel when its RGB distance to the background exceeds this: ~16 %
+# coverage of red/green/blue (|colour - bg| = 291), ~23 % of yellow/cyan/magenta (206);
 # per-channel noise of a few levels stays far below it.
 OBJECT_THRESHOLD = 48.0
 # A pixel is "unknown" (no palette colour) when its direction from the background is more
@@ -59,11 +67,12 @@ UNKNOWN = "unknown"
 PALETTE_NAMES: tuple[str, ...] = tuple(COLORS)
 _BG = np.asarray(BACKGROUND, dtype=np.float64)  # [3]
 _DIRS = np.asarray([COLORS[c] for c in PALETTE_NAMES], dtype=np.float64) - _BG  # [6, 3]
-SHAPE_PROTOTYPES: dict[str, tuple[float, float]] = {
-    "circle": (math.pi / 4, 0.0),
-    "square": (1.0, 0.0),
-    "triangle": (0.5, 1.0 / 3.0),
-}
+# (shape, bounding-box fill ratio, 2 * centroid offset / height): the ideal filled shapes
+SHAPE_PROTOTYPES: tuple[tuple[str, float, float], ...] = (
+    ("circle", math.pi / 4, 0.0),
+    ("square", 1.0, 0.0),
+    ("triangle", 0.5, 1.0 / 3.0),
+)
 _FOUR = ndimage.generate_binary_structure(2, 1)  # 4-connectivity
 
 
@@ -115,7 +124,7 @@ def color_labels(image: np.ndarray, residual: np.ndarray, mask: np.ndarray) -> n
 
 def classify_shape(fill: float, offset: float) -> str:
     """Nearest shape prototype in (fill, 2 * offset) space, or 'unknown' if none is close."""
-    dist = {s: math.hypot(fill - f, 2 * offset - o) for s, (f, o) in SHAPE_PROTOTYPES.items()}
+    dist = {s: math.hypot(fill - f, 2 * offset - o) for s, f, o in SHAPE_PROTOTYPES}
     shape = min(dist, key=dist.__getitem__)
     return shape if dist[shape] <= SHAPE_TOLERANCE else UNKNOWN
 
@@ -193,9 +202,12 @@ def _checks(spec: PromptSpec, match: Sequence[Detection | None]) -> dict[str, bo
     return {"color": found, "shape": shape, "size": size, "spatial": spatial}
 
 
+MAX_CANDIDATES = 8  # per asked object: its colour's largest detections (bounds the search)
+
+
 def _candidates(o: ObjSpec, detections: Sequence[Detection]) -> list[Detection | None]:
-    """Detections an asked object may be matched to: those of its colour, or none."""
-    return [det for det in detections if det.color == o.color] or [None]
+    """Detections an asked object may be matched to: the largest of its colour, or none."""
+    return [det for det in detections if det.color == o.color][:MAX_CANDIDATES] or [None]
 
 
 def match_objects(spec: PromptSpec, detections: Sequence[Detection]) -> tuple[Detection | None, ...]:
