@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from flash.checkpoint import EMA, load_checkpoint, save_checkpoint
 from flash.data import shapes
+from flash.images import save_png
 from flash.models import Components, FamilyCard, save_components, write_card
 from flash.pipeline import TextToImage
 from flash.schedule import NoiseSchedule
@@ -220,13 +221,6 @@ def sample_grid(components: Components, prompts: list[str], steps: int, guidance
         lat = pipe.teacher_latents(prompts, [seed + s] * len(prompts), steps=steps, guidance_scale=guidance)
         rows.append(np.concatenate(list(pipe.decode(lat)), axis=1))
     return np.concatenate(rows, axis=0)
-
-
-def save_png(array: np.ndarray, path: Path, scale: int = 2) -> None:
-    from PIL import Image
-
-    img = Image.fromarray(array)
-    img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
 
 
 def train_unet(cfg: TeacherConfig, vae) -> TeacherState:

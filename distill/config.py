@@ -1,0 +1,104 @@
+"""One typed config for Imagine Flash distillation.
+
+Defaults are the paper's settings for large teachers (Adam, lr 5e-6 for the U-Net and
+1e-4 for the discriminator, k = 8 teacher steps); the default shapes-64 family uses
+the values in `configs/shapes64-*.json`, recorded in each student's flash.json.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from flash.schedule import validate_timesteps
+from flash.scheduler import DEFAULT_TIMESTEPS
+
+PROMPT_SOURCES = ("shapes", "file")
+
+
+@dataclass
+class DistillConfig:
+    teacher: str = "models/shapes64"
+    out: str = "runs/distill"
+    steps: int = 3  # student step count
+    timesteps: list[int] = field(default_factory=list)  # empty: the paper's schedule for `steps`
+    seed: int = 0
+
+    # data
+    prompts: str = "shapes"  # "shapes" (the shapes-64 grammar) or "file" (prompts_file, one per line)
+    prompts_file: str = ""
+    real_images: str = ""  # folder of image + same-name .txt caption pairs; "" with prompts=file: data-free
+    batch_size: int = 16
+
+    # the method (paper sections 4.1-4.3); each switch reproduces an ablation of Table 3
+    backward: bool = True  # False: forward distillation (x_t noised from real data)
+    srl: bool = True  # False: identity gamma (re-noise to t itself)
+    noise_correction: bool = True
+    gamma: list[list[int]] = field(default_factory=lambda: [[900, 990], [500, 950], [-1, 200]])
+    teacher_steps: int = 8  # k
+    guidance_scale: float = 5.0  # teacher CFG for the SRL target
+
+    # adversarial loss (SDXL-Lightning / UFOGen style discriminator from the teacher's encoder)
+    adv_weight: float = 0.1  # 0 disables the discriminator
+    disc_lr: float = 1e-4
+    disc_train_backbone: bool = False
+    disc_t_min: int = 10
+    disc_t_max: int = 750
+
+    # optimisation
+    lr: float = 5e-6
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    max_steps: int = 2000
+    max_minutes: float = 0.0  # > 0: also stop after this many minutes
+
+    # bookkeeping
+    checkpoint_every: int = 100
+    sample_every: int = 250
+    log_every: int = 10
+    eval_prompts: int = 200  # evaluated at the end with the shapes-64 judge (shapes prompts only)
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        self.timesteps = list(self.timesteps) or list(DEFAULT_TIMESTEPS.get(self.steps, []))
+        if not self.timesteps:
+            raise ValueError(f"no default timesteps for steps={self.steps}; pass timesteps explicitly")
+        validate_timesteps(self.timesteps)
+        if len(self.timesteps) != self.steps:
+            raise ValueError(f"steps={self.steps} but timesteps={self.timesteps}")
+        if self.prompts not in PROMPT_SOURCES:
+            raise ValueError(f"unknown prompts source {self.prompts!r}; allowed: {', '.join(PROMPT_SOURCES)}")
+        if self.prompts == "file" and not self.prompts_file:
+            raise ValueError("prompts='file' needs prompts_file")
+        if self.teacher_steps < 1:
+            raise ValueError(f"teacher_steps must be >= 1, got {self.teacher_steps}")
+        if not self.backward and self.prompts == "file" and not self.real_images:
+            raise ValueError("forward distillation (backward=false) needs real data: shapes prompts or real_images")
+        for _threshold, g in self.gamma:
+            if not 0 <= g <= 999:
+                raise ValueError(f"gamma value {g} out of range [0, 999] in {self.gamma}")
+        self.adam_betas = tuple(self.adam_betas)
+
+    @property
+    def has_real_data(self) -> bool:
+        return self.prompts == "shapes" or bool(self.real_images)
+
+    @property
+    def use_discriminator(self) -> bool:
+        return self.adv_weight > 0 and self.has_real_data
+
+    @classmethod
+    def load(cls, path: str | Path | None, **overrides) -> DistillConfig:
+        data = json.loads(Path(path).read_text()) if path else {}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted((set(data) | set(overrides)) - known)
+        if unknown:
+            raise ValueError(f"unknown distill config keys {unknown}; allowed: {sorted(known)}")
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,157 @@
+"""Imagine Flash distillation: losses, one step, the loop, resume, and DDP on 2 CPU processes."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from distill import trainer
+from distill.config import DistillConfig
+from distill.discriminator import Discriminator
+from distill.losses import hinge_d_loss, hinge_g_loss, reconstruction_loss, shifted_timestep, srl_target
+from flash.models import load_student
+from flash.schedule import NoiseSchedule
+from flash.tiny import SD_SCHEDULER_CONFIG, write_tiny_family
+
+SCHED = NoiseSchedule.from_config(SD_SCHEDULER_CONFIG)
+PAPER_GAMMA = [[900, 990], [500, 950], [-1, 200]]
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    return write_tiny_family(tmp_path_factory.mktemp("fam") / "tiny")
+
+
+def test_gamma_matches_the_paper():
+    t = torch.tensor([999, 901, 900, 750, 666, 501, 500, 200, 0])
+    assert shifted_timestep(t, PAPER_GAMMA).tolist() == [990, 990, 950, 950, 950, 950, 200, 200, 200]
+    with pytest.raises(ValueError, match="do not cover"):
+        shifted_timestep(torch.tensor([100]), [[500, 950]])
+
+
+def test_srl_target_with_an_exact_teacher_reconstructs_the_student_x0():
+    torch.manual_seed(0)
+    x0 = torch.randn(3, 4, 2, 2)
+    noise = torch.randn_like(x0)
+
+    def exact(x, t, c):  # knows the noise that was added
+        return noise
+
+    gamma = torch.tensor([990, 950, 200])
+    out = srl_target(exact, x0, gamma, torch.zeros(3, 1, 1), None, SCHED, 8, 1.0, noise)
+    assert torch.allclose(out, x0, atol=1e-4)
+
+
+def test_srl_target_runs_the_teacher_from_gamma_with_k_steps_and_cfg():
+    calls = []
+
+    def spy(x, t, c):
+        calls.append((t.tolist(), c.shape[0]))
+        return torch.zeros_like(x)
+
+    x0 = torch.zeros(2, 4, 2, 2)
+    srl_target(spy, x0, torch.tensor([990, 200]), torch.ones(2, 1, 1), torch.zeros(2, 1, 1), SCHED, 4, 5.0,
+               torch.randn_like(x0))
+    assert len(calls) == 4  # k teacher evaluations
+    assert calls[0] == ([990, 200, 990, 200], 4)  # CFG: both branches batched, starting at gamma
+    assert calls[-1][0][:2] == [247, 50]
+
+
+def test_losses_are_per_sample():
+    a, b = torch.zeros(3, 4, 2, 2), torch.ones(3, 4, 2, 2)
+    assert reconstruction_loss(a, b).tolist() == [1.0, 1.0, 1.0]
+    assert hinge_d_loss(torch.tensor([2.0, 0.0]), torch.tensor([-2.0, 0.5])).tolist() == [0.0, 2.5]
+    assert hinge_g_loss(torch.tensor([0.5])).tolist() == [-0.5]
+
+
+def test_discriminator_from_teacher_encoder(tiny):
+    d = Discriminator(tiny.unet)
+    assert torch.equal(d.conv_in.weight, tiny.unet.conv_in.weight)
+    assert not d.conv_in.weight.requires_grad and all(p.requires_grad for p in d.heads.parameters())
+    x, t, c = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 12, 32)
+    logits = d(x, t, c)
+    assert logits.shape == (2,)
+    assert not torch.allclose(logits, d(x, t, torch.randn(2, 12, 32)))  # text-conditional
+
+
+def _cfg(family, tmp_path, **kw):
+    base = dict(teacher=str(family), out=str(tmp_path / "run"), steps=3, batch_size=2, teacher_steps=2, lr=1e-3,
+                max_steps=2, eval_prompts=0, sample_every=2, checkpoint_every=1)
+    return DistillConfig(**{**base, **kw})
+
+
+def _run_step(family, tmp_path, monkeypatch, **kw):
+    from accelerate import Accelerator
+
+    cfg = _cfg(family, tmp_path, **kw)
+    acc = Accelerator(cpu=True)
+    m = trainer.build_models(cfg, acc)
+    calls = []
+    real_run_student = trainer.run_student
+    monkeypatch.setattr(trainer, "run_student", lambda *a, **k: calls.append(a[5]) or real_run_student(*a, **k))
+    before = [p.detach().clone() for p in m.student.parameters()]
+    teacher_before = [p.detach().clone() for p in m.teacher.unet.parameters()]
+    stream = trainer.make_stream(cfg, m.pipe.image_size, 0)
+    prompts, images = next(stream)
+    logs = trainer.distill_step(m, prompts, images, cfg, torch.Generator().manual_seed(0), acc)
+    changed = any(not torch.equal(a, p) for a, p in zip(before, m.student.parameters(), strict=True))
+    teacher_same = all(torch.equal(a, p) for a, p in zip(teacher_before, m.teacher.unet.parameters(), strict=True))
+    return logs, calls, changed, teacher_same
+
+
+def test_distill_step_backward_trains_the_student_only(family, tmp_path, monkeypatch):
+    logs, calls, changed, teacher_same = _run_step(family, tmp_path, monkeypatch)
+    assert set(logs) == {"rec", "g", "d"} and all(torch.isfinite(torch.tensor(v)) for v in logs.values())
+    assert len(calls) == 1 and calls[0].shape == (2,)  # per-item number of backward steps
+    assert changed and teacher_same
+
+
+def test_ablation_switches(family, tmp_path, monkeypatch):
+    logs, calls, _, _ = _run_step(family, tmp_path, monkeypatch, backward=False, adv_weight=0.0)
+    assert calls == [] and set(logs) == {"rec"}  # forward distillation, no discriminator
+
+
+def test_distill_loop_checkpoints_resumes_and_writes_a_student(family, tmp_path):
+    cfg = _cfg(family, tmp_path)
+    folder = trainer.distill(cfg, progress=False)
+    assert (tmp_path / "run" / "samples" / "step000002.png").is_file()
+    s = load_student(folder)
+    assert s.card.steps == 3 and s.card.timesteps == [999, 750, 500] and s.card.distill["trained_steps"] == 2
+    resumed = trainer.distill(_cfg(family, tmp_path, max_steps=3), progress=False)
+    assert load_student(resumed).card.distill["trained_steps"] == 3
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        (dict(steps=2, timesteps=[999, 750, 500]), "steps=2"),
+        (dict(timesteps=[500, 999]), "descending"),
+        (dict(prompts="web"), "'web'"),
+        (dict(prompts="file"), "prompts_file"),
+        (dict(gamma=[[500, 1200]]), "1200"),
+    ],
+)
+def test_bad_config(kw, match):
+    with pytest.raises(ValueError, match=match):
+        DistillConfig(**kw)
+
+
+def test_config_file_rejects_unknown_keys(tmp_path):
+    f = tmp_path / "c.json"
+    f.write_text('{"steps": 2, "learning_rate": 1}')
+    with pytest.raises(ValueError, match="learning_rate"):
+        DistillConfig.load(f)
+
+
+def test_ddp_two_cpu_processes_hold_the_same_weights(family, tmp_path):
+    # without CUDA, accelerate's --multi_gpu launches torchrun processes on the gloo backend
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_cpu_threads_per_process", "1",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "tests/dist_worker.py", str(family), str(tmp_path)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [(tmp_path / f"rank{i}.txt").read_text().split() for i in range(2)]
+    assert ranks[0][:3] == ["2", "gloo", "True"]
+    assert ranks[0][3] == ranks[1][3]  # identical weights after DDP steps on different data
