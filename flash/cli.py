@@ -1,2 +1,206 @@
-def main() -> None:
-    raise SystemExit("not yet")
+"""`flash`: the command line. Thin: parse, call an importable function, map errors to one line.
+
+Heavy imports happen inside the handlers so `flash --help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_MODEL = "models/shapes64"
+
+EPILOG = """examples:
+  flash generate "a red circle above a blue square" --model teacher --steps 25 --seed 0 --out out.png
+  flash generate "a small green triangle" --model flash --steps 1 --out fast.png
+  flash serve --model models/shapes64 --port 8000
+  flash train-teacher --out runs/teacher --export models/shapes64
+  flash distill --config configs/shapes64-3step.json
+  flash eval models/shapes64 --n 500 --json results.json
+  flash export onnx models/shapes64 --out onnx/shapes64
+"""
+
+
+class CliError(Exception):
+    """A user-facing failure: printed as one line, exit code 2."""
+
+
+def _cmd_generate(a: argparse.Namespace) -> None:
+    import numpy as np
+
+    from flash.images import save_png
+    from flash.models import load_components, load_student
+    from flash.pipeline import TextToImage
+
+    family = Path(a.model_dir)
+    c = load_components(family)
+    pipe = TextToImage(c)
+    seeds = [a.seed + i for i in range(a.n)]
+    prompts = [a.prompt] * a.n
+    if a.model == "teacher":
+        lat = pipe.teacher_latents(prompts, seeds, a.steps or 25, a.guidance_scale, a.scheduler)
+    else:
+        steps = a.steps or 3
+        folder = family / "students" / f"{steps}-step"
+        if not folder.is_dir():
+            raise CliError(f"no {steps}-step student in {family / 'students'}; train one with `flash distill`")
+        s = load_student(folder)
+        nc = s.card.noise_correction and not a.no_noise_correction
+        lat = pipe.student_latents(s.unet, prompts, seeds, s.card.timesteps, nc)
+    images = pipe.decode(lat)
+    out = Path(a.out)
+    if a.n == 1:
+        save_png(images[0], out, scale=a.scale)
+    else:
+        save_png(np.concatenate(list(images), axis=1), out, scale=a.scale)
+    print(f"wrote {out} ({a.model}, seeds {seeds[0]}..{seeds[-1]})")
+
+
+def _cmd_train_teacher(a: argparse.Namespace) -> None:
+    from teacher.config import TeacherConfig
+    from teacher.train import train_teacher
+
+    cfg = TeacherConfig.load(a.config, out=a.out, unet_steps=a.unet_steps, unet_minutes=a.minutes)
+    train_teacher(cfg, export_to=Path(a.export) if a.export else None)
+
+
+def _cmd_distill(a: argparse.Namespace) -> None:
+    from distill.config import DistillConfig
+    from distill.trainer import distill
+
+    cfg = DistillConfig.load(a.config, teacher=a.teacher, out=a.out, max_steps=a.max_steps, max_minutes=a.minutes)
+    folder = distill(cfg)
+    if a.publish:
+        from flash.models import publish_student
+
+        print(f"published {publish_student(folder, Path(a.publish))}")
+    print(f"student written to {folder}")
+
+
+def _cmd_eval(a: argparse.Namespace) -> None:
+    from flash.eval.run import Row, default_rows, evaluate_rows, results_table
+
+    family = Path(a.model_dir)
+    rows = default_rows(family)
+    if a.rows:
+        rows = [r for r in rows if any(key in r.name for key in a.rows)]
+    for extra in a.student or []:
+        rows.append(Row(f"student {Path(extra).name}", "student", 0, student_dir=extra))
+    if not rows:
+        raise CliError("no rows to evaluate")
+    results = evaluate_rows(family, rows, n=a.n, batch=a.batch)
+    print(results_table(results))
+    if a.json:
+        data = [{"row": r.row.__dict__, "metrics": r.metrics, "seconds_per_image": r.seconds_per_image} for r in results]
+        Path(a.json).write_text(json.dumps(data, indent=1))
+        print(f"wrote {a.json}")
+
+
+def _cmd_serve(a: argparse.Namespace) -> None:
+    from service.config import Settings
+    from service.server import serve
+
+    overrides = {k: v for k, v in {"model_dir": a.model, "host": a.host, "port": a.port}.items() if v is not None}
+    serve(Settings(**overrides))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="flash",
+        description="Imagine Flash: few-step text-to-image by backward distillation (train, distill, eval, export, serve).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help: str, examples: str):
+        return sub.add_parser(
+            name, help=help, description=help, epilog="examples:\n  " + examples,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    g = add("generate", "generate images with the teacher or a few-step student",
+            'flash generate "a red circle above a blue square" --model teacher --steps 25 --seed 0 --out out.png\n'
+            '  flash generate "a blue square" --model flash --steps 2 --n 4 --out grid.png')
+    g.add_argument("prompt")
+    g.add_argument("--model", choices=["teacher", "flash"], default="flash", help="teacher (CFG) or student")
+    g.add_argument("--model-dir", default=DEFAULT_MODEL, help="family folder (default: %(default)s)")
+    g.add_argument("--steps", type=int, default=None, help="teacher: solver steps (25); flash: 1, 2 or 3 (3)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--n", type=int, default=1, help="images (seeds seed..seed+n-1), saved side by side")
+    g.add_argument("--guidance-scale", type=float, default=5.0, help="teacher only")
+    g.add_argument("--scheduler", default="dpmsolver++", choices=["dpmsolver++", "ddim", "euler"], help="teacher only")
+    g.add_argument("--no-noise-correction", action="store_true", help="students: switch noise correction off")
+    g.add_argument("--scale", type=int, default=1, help="nearest-neighbour upscale of the PNG")
+    g.add_argument("--out", default="out.png")
+    g.set_defaults(func=_cmd_generate)
+
+    t = add("train-teacher", "train the default shapes-64 teacher (VAE, then text encoder + U-Net) on this CPU",
+            "flash train-teacher --out runs/teacher --minutes 90 --export models/shapes64")
+    t.add_argument("--config", default=None, help="JSON TeacherConfig (optional)")
+    t.add_argument("--out", default=None, help="run folder (checkpoints, samples); resumes if present")
+    t.add_argument("--unet-steps", type=int, default=None)
+    t.add_argument("--minutes", type=float, default=None, help="wall-clock budget for the U-Net stage")
+    t.add_argument("--export", default=None, help="write the diffusers folder here when done")
+    t.set_defaults(func=_cmd_train_teacher)
+
+    d = add("distill", "distil a 1-, 2- or 3-step Imagine Flash student from a teacher",
+            "flash distill --config configs/shapes64-3step.json --publish models/shapes64\n"
+            "  accelerate launch --multi_gpu --num_processes 8 -m flash.cli distill --config my.json")
+    d.add_argument("--config", default=None, help="JSON DistillConfig")
+    d.add_argument("--teacher", default=None, help="teacher diffusers folder")
+    d.add_argument("--out", default=None, help="run folder (checkpoints, samples, student); resumes if present")
+    d.add_argument("--max-steps", type=int, default=None)
+    d.add_argument("--minutes", type=float, default=None)
+    d.add_argument("--publish", default=None, help="copy the finished student into this family's students/")
+    d.set_defaults(func=_cmd_distill)
+
+    e = add("eval", "score teacher and students on the shapes-64 evaluation prompts (paper Table 1 in miniature)",
+            "flash eval models/shapes64 --n 500 --json results.json\n"
+            "  flash eval models/shapes64 --rows 3-step --student runs/ablate-no-srl/student")
+    e.add_argument("model_dir", nargs="?", default=DEFAULT_MODEL)
+    e.add_argument("--n", type=int, default=500, help="evaluation prompts (default: %(default)s)")
+    e.add_argument("--batch", type=int, default=50)
+    e.add_argument("--rows", nargs="*", help="keep only rows whose name contains one of these")
+    e.add_argument("--student", nargs="*", help="extra student folders to evaluate")
+    e.add_argument("--json", default=None, help="write the figures here")
+    e.set_defaults(func=_cmd_eval)
+
+    s = add("serve", "serve the family over HTTP (OpenAI-compatible images API, batching, metrics)",
+            "flash serve --model models/shapes64 --host 127.0.0.1 --port 8000\n"
+            "  FLASH_MAX_BATCH_SIZE=16 FLASH_API_KEYS='[\"k1\"]' flash serve")
+    s.add_argument("--model", default=None, help="family folder (default: FLASH_MODEL_DIR or models/shapes64)")
+    s.add_argument("--host", default=None)
+    s.add_argument("--port", type=int, default=None)
+    s.set_defaults(func=_cmd_serve)
+
+    try:
+        from export.cli import add_subparsers as add_export
+    except ImportError:  # export extra not installed
+        add_export = None
+    if add_export is not None:
+        x = add("export", "compile models for serving: ONNX (+ ONNX Runtime parity) and TensorRT engines",
+                "flash export onnx models/shapes64 --out onnx/shapes64\n"
+                "  flash export tensorrt onnx/shapes64 --out engines/shapes64")
+        add_export(x)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except (CliError, ValueError, FileNotFoundError, RuntimeError) as e:  # FLASH_DEBUG=1 shows the traceback
+        if os.environ.get("FLASH_DEBUG"):
+            raise
+        print(f"flash {args.command}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

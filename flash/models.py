@@ -243,3 +243,24 @@ def folder_sha256(folder: Path) -> str:
             h.update(str(f.relative_to(folder)).encode())
             h.update(f.read_bytes())
     return h.hexdigest()
+
+
+def publish_student(student_dir: Path, family: Path) -> Path:
+    """Copy a finished student into `family/students/<n>-step`, replacing any old one atomically."""
+    import shutil
+
+    card = read_student_card(student_dir)
+    check_weights(student_dir)
+    dest = Path(family) / STUDENTS / f"{card.steps}-step"
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(student_dir, tmp)
+    card = card.model_copy(update={"teacher": "../.."})
+    write_card(tmp, card)
+    old = dest.with_name(dest.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dest.exists():
+        dest.rename(old)
+    tmp.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)
+    return dest

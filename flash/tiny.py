@@ -79,13 +79,13 @@ def write_tiny_pipeline(path: Path, seed: int = 0) -> Path:
     return Path(path)
 
 
-def write_tiny_family(path: Path, seed: int = 0) -> Path:
+def write_tiny_family(path: Path, seed: int = 0, image_size: int = 32) -> Path:
     """A tiny family folder: teacher + 1/2/3-step students (random U-Nets, valid cards)."""
     from flash.models import FamilyCard, StudentCard, save_student, write_card
     from flash.scheduler import DEFAULT_TIMESTEPS
 
     path = Path(path)
-    c = tiny_components(seed)
+    c = tiny_components(seed, image_size=image_size)
     save_components(c, path)
     write_card(path, FamilyCard(name="tiny", version="tiny-0", guidance_scale=5.0))
     for steps, ts in DEFAULT_TIMESTEPS.items():

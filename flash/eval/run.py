@@ -1,0 +1,101 @@
+"""Generate images for the fixed evaluation prompts with a teacher or a student and score them.
+
+A *row* is one line of the paper's Table 1 in miniature: the teacher with a solver and
+step count, or a student (optionally with noise correction switched off, for Fig. 12).
+Seeds are the prompt indices, so every row sees the same x_T for the same prompt.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from flash.data import shapes
+from flash.eval.evaluate import evaluate
+from flash.models import Components, load_components, load_student
+from flash.pipeline import TextToImage
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    kind: str  # "teacher" or "student"
+    steps: int
+    scheduler: str = "dpmsolver++"  # teacher rows
+    guidance_scale: float = 5.0  # teacher rows
+    student_dir: str = ""  # student rows
+    noise_correction: bool | None = None  # None: the student's own setting
+
+
+@dataclass
+class RowResult:
+    row: Row
+    metrics: dict
+    seconds_per_image: float
+    images: np.ndarray = field(repr=False)
+
+
+def generate(pipe: TextToImage, row: Row, prompts: list[str], seeds: list[int], student=None) -> np.ndarray:
+    if row.kind == "teacher":
+        lat = pipe.teacher_latents(prompts, seeds, row.steps, row.guidance_scale, row.scheduler)
+    else:
+        nc = student.card.noise_correction if row.noise_correction is None else row.noise_correction
+        lat = pipe.student_latents(student.unet, prompts, seeds, student.card.timesteps, nc)
+    return pipe.decode(lat)
+
+
+def default_rows(family: Path, guidance_scale: float = 5.0) -> list[Row]:
+    """Teacher at 25 DPM-Solver++ steps and at 3 DDIM steps, then every student of the family."""
+    rows = [
+        Row("teacher, 25 DPM-Solver++ steps, CFG", "teacher", 25, "dpmsolver++", guidance_scale),
+        Row("teacher, 3 DDIM steps, CFG", "teacher", 3, "ddim", guidance_scale),
+    ]
+    students = Path(family) / "students"
+    if students.is_dir():
+        for d in sorted(students.iterdir(), key=lambda p: p.name, reverse=True):
+            if (d / "flash.json").is_file():
+                rows.append(Row(f"Imagine Flash, {d.name}", "student", 0, student_dir=str(d)))
+    return rows
+
+
+def evaluate_rows(
+    teacher_dir: Path, rows: list[Row], n: int = 500, batch: int = 50, components: Components | None = None,
+    progress: bool = True,
+) -> list[RowResult]:
+    from tqdm import tqdm
+
+    components = components or load_components(Path(teacher_dir))
+    pipe = TextToImage(components)
+    prompts = shapes.eval_prompts(n)
+    results = []
+    for row in rows:
+        student = load_student(Path(row.student_dir)) if row.kind == "student" else None
+        images, elapsed = [], 0.0
+        for k in tqdm(range(0, n, batch), desc=row.name, disable=not progress, leave=False):
+            ps = prompts[k : k + batch]
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                images.append(generate(pipe, row, ps, list(range(k, k + len(ps))), student))
+            elapsed += time.perf_counter() - t0
+        imgs = np.concatenate(images)
+        steps = student.card.steps if student else row.steps
+        results.append(RowResult(Row(**{**row.__dict__, "steps": steps}), evaluate(imgs, prompts), elapsed / n, imgs))
+    return results
+
+
+def results_table(results: list[RowResult]) -> str:
+    """Markdown table of the paper's Table 1 columns."""
+    head = "| model | steps | FD-rand | color | shape | size | spatial | overall | vividness | ms / image |"
+    lines = [head, "|" + "---|" * 10]
+    for r in results:
+        a = r.metrics["alignment"]
+        lines.append(
+            f"| {r.row.name} | {r.row.steps} | {r.metrics['fid']:.1f} | {a['color']:.1f} | {a['shape']:.1f} | "
+            f"{a['size']:.1f} | {a['spatial']:.1f} | {a['overall']:.1f} | {r.metrics['vividness']:.3f} | "
+            f"{1000 * r.seconds_per_image:.1f} |"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,69 @@
+"""The `flash` command line: help with examples, generation, evaluation, one-line errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from flash.tiny import write_tiny_family
+
+
+def flash(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "flash.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def family64(tmp_path_factory):
+    return write_tiny_family(tmp_path_factory.mktemp("fam") / "tiny64", image_size=64)
+
+
+def test_help_lists_commands_with_examples():
+    r = flash("--help")
+    assert r.returncode == 0
+    for cmd in ("generate", "train-teacher", "distill", "eval", "serve"):
+        assert cmd in r.stdout
+    assert "examples:" in r.stdout
+    r = flash("generate", "--help")
+    assert r.returncode == 0 and "examples:" in r.stdout and "--steps" in r.stdout
+
+
+def test_generate_teacher_and_student(family64, tmp_path):
+    out = tmp_path / "t.png"
+    r = flash("generate", "a red circle above a blue square", "--model", "teacher", "--steps", "3",
+              "--seed", "0", "--model-dir", str(family64), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert Image.open(out).size == (64, 64)
+    out2 = tmp_path / "s.png"
+    r = flash("generate", "a red circle", "--model", "flash", "--steps", "2", "--n", "3",
+              "--model-dir", str(family64), "--out", str(out2))
+    assert r.returncode == 0, r.stderr
+    assert Image.open(out2).size == (192, 64)
+
+
+def test_errors_are_one_line_and_nonzero(tmp_path):
+    r = flash("generate", "a red circle", "--model-dir", str(tmp_path / "nope"), "--out", str(tmp_path / "x.png"))
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0
+    assert "error:" in r.stderr and "nope" in r.stderr
+
+
+def test_missing_student_is_explained(tmp_path):
+    fam = write_tiny_family(tmp_path / "fam")
+    import shutil
+
+    shutil.rmtree(fam / "students" / "1-step")
+    r = flash("generate", "a red circle", "--model", "flash", "--steps", "1", "--model-dir", str(fam),
+              "--out", str(tmp_path / "x.png"))
+    assert r.returncode == 2 and "no 1-step student" in r.stderr
+
+
+def test_eval_writes_table_and_json(family64, tmp_path):
+    out = tmp_path / "r.json"
+    r = flash("eval", str(family64), "--n", "6", "--batch", "3", "--rows", "3 DDIM", "3-step", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "| model | steps | FD-rand |" in r.stdout
+    rows = json.loads(out.read_text())
+    assert [x["row"]["steps"] for x in rows] == [3, 3]
+    assert set(rows[0]["metrics"]["alignment"]) >= {"color", "shape", "size", "spatial", "overall"}
