@@ -62,3 +62,18 @@ def test_teacher_path_matches_stock_dpm_solver(tiny_dir):
     c = load_components(tiny_dir)
     ours = TextToImage(c).teacher_latents(PROMPTS, [3, 4], steps=8, guidance_scale=5.0)
     assert torch.allclose(stock, ours, atol=1e-5)
+
+
+def test_readme_example_runs_a_student_in_a_stock_pipeline(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from flash.tiny import write_tiny_family
+
+    fam = write_tiny_family(tmp_path / "fam")
+    pipe = StableDiffusionPipeline.from_pretrained(fam)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.unet = UNet2DConditionModel.from_pretrained(fam / "students" / "3-step")
+    pipe.scheduler = FlashScheduler.from_pretrained(fam / "students" / "3-step")
+    image = pipe("a red circle above a blue square", num_inference_steps=3, guidance_scale=1.0).images[0]
+    assert image.size == (32, 32)
+    assert pipe.scheduler.timesteps.tolist() == [999, 750, 500]
