@@ -99,14 +99,6 @@ def _cmd_eval(a: argparse.Namespace) -> None:
         print(f"wrote {a.json}")
 
 
-def _cmd_serve(a: argparse.Namespace) -> None:
-    from service.config import Settings
-    from service.server import serve
-
-    overrides = {k: v for k, v in {"model_dir": a.model, "host": a.host, "port": a.port}.items() if v is not None}
-    serve(Settings(**overrides))
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="flash",
@@ -169,13 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", default=None, help="write the figures here")
     e.set_defaults(func=_cmd_eval)
 
-    s = add("serve", "serve the family over HTTP (OpenAI-compatible images API, batching, metrics)",
-            "flash serve --model models/shapes64 --host 127.0.0.1 --port 8000\n"
-            "  FLASH_MAX_BATCH_SIZE=16 FLASH_API_KEYS='[\"k1\"]' flash serve")
-    s.add_argument("--model", default=None, help="family folder (default: FLASH_MODEL_DIR or models/shapes64)")
-    s.add_argument("--host", default=None)
-    s.add_argument("--port", type=int, default=None)
-    s.set_defaults(func=_cmd_serve)
+    # `flash serve ...` is dispatched to service.server.main before parsing (see main)
+    sub.add_parser("serve", help="serve the family over HTTP (OpenAI-compatible images API, batching, metrics)")
 
     try:
         from export.cli import add_subparsers as add_export
@@ -190,6 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:  # the service parses its own options (and --help)
+        from service.server import main as serve_main
+
+        serve_main(argv[1:])
+        return
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

@@ -1,0 +1,192 @@
+"""Service overhead and batching, measured from one run on this machine.
+
+    python bench/bench_service.py --model models/shapes64 --requests 64 --concurrency 16
+    python bench/bench_service.py --tiny --requests 8 --concurrency 4     # smoke run
+
+Prints four ratios side by side:
+  1. p50 latency of one 3-step request over HTTP / the same generation in-process
+     (TextToImage.student_latents + decode, batch 1)                        target <= 1.10
+  2. throughput with `concurrency` clients over HTTP / the in-process pipeline at
+     batch size `concurrency`                                                target >= 0.90
+  3. throughput with `concurrency` clients, batching (max_batch_size = concurrency)
+     / max_batch_size = 1                                                    reported
+  4. per-image latency of the teacher (25 steps, CFG) / the 3-step student, both over HTTP
+                                                                             target >= 10
+Each server runs as its own process (`python -m service`), the clients here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+STUDENT = "flash-3step"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def server(model: Path, max_batch_size: int, timeout: float = 300):
+    """`python -m service` in a subprocess; yields its base URL once /health/ready is 200."""
+    port = free_port()
+    env = {**os.environ, "FLASH_QUEUE_SIZE": "1024", "FLASH_REQUEST_TIMEOUT_S": "600"}
+    cmd = [sys.executable, "-m", "service", "--model", str(model), "--port", str(port)]
+    cmd += ["--max-batch-size", str(max_batch_size), "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}")
+            try:
+                if httpx.get(f"{url}/health/ready", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("server not ready")
+            time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()  # SIGTERM: drains, then exits
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def body(i: int, model: str = STUDENT, **extra) -> dict:
+    return {"prompt": f"a red circle above a blue square {i}", "model": model, "seed": i, **extra}
+
+
+def http_latencies(url: str, n: int, **extra) -> list[float]:
+    """Sequential requests from one client: wall seconds each."""
+    out = []
+    with httpx.Client(base_url=url, timeout=600) as c:
+        for i in range(n):
+            t0 = time.perf_counter()
+            r = c.post("/v1/images/generations", json=body(i, **extra))
+            out.append(time.perf_counter() - t0)
+            r.raise_for_status()
+    return out
+
+
+def http_throughput(url: str, n: int, concurrency: int) -> float:
+    """Images per second with `concurrency` clients each sending requests back to back."""
+
+    async def run() -> float:
+        todo = iter(range(n))
+        async with httpx.AsyncClient(
+            base_url=url, timeout=600, limits=httpx.Limits(max_connections=concurrency)
+        ) as c:
+
+            async def client():
+                for i in todo:
+                    (await c.post("/v1/images/generations", json=body(i))).raise_for_status()
+
+            t0 = time.perf_counter()
+            await asyncio.gather(*[client() for _ in range(concurrency)])
+            return n / (time.perf_counter() - t0)
+
+    return asyncio.run(run())
+
+
+def in_process(model: Path, n_latency: int, n_images: int, batch: int) -> dict:
+    """The same generations without the service: p50 latency at batch 1, throughput at `batch`."""
+    import torch
+
+    from flash.models import load_family
+    from flash.pipeline import TextToImage
+
+    fam = load_family(model)
+    student = fam.students[3]
+    t2i = TextToImage(fam.teacher)
+    ts = student.card.timesteps
+
+    def gen(ids: list[int]):
+        prompts = [body(i)["prompt"] for i in ids]
+        return t2i.decode(t2i.student_latents(student.unet, prompts, ids, ts))
+
+    with torch.inference_mode():
+        gen([0])  # warm up
+        lat = []
+        for i in range(n_latency):
+            t0 = time.perf_counter()
+            gen([i])
+            lat.append(time.perf_counter() - t0)
+        gen(list(range(batch)))
+        rounds = max(1, n_images // batch)
+        t0 = time.perf_counter()
+        for r in range(rounds):
+            gen(list(range(r * batch, (r + 1) * batch)))
+        throughput = rounds * batch / (time.perf_counter() - t0)
+    return {"p50_s": statistics.median(lat), "images_per_s": throughput}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, default=Path("models/shapes64"), help="family folder")
+    p.add_argument("--tiny", action="store_true", help="bench a tiny random family instead (smoke run)")
+    p.add_argument("--requests", type=int, default=64, help="requests per throughput run and latency samples")
+    p.add_argument(
+        "--concurrency", type=int, default=16, help="concurrent clients (and the in-process batch)"
+    )
+    p.add_argument("--teacher-requests", type=int, default=5, help="teacher (25 steps, CFG) latency samples")
+    p.add_argument("--json", type=Path, help="also write the results here")
+    args = p.parse_args(argv)
+
+    model = args.model
+    if args.tiny:
+        from flash.tiny import write_tiny_family
+
+        model = write_tiny_family(Path(tempfile.mkdtemp()) / "tiny")
+    model = model.resolve()
+    n, k = args.requests, args.concurrency
+
+    with server(model, max_batch_size=k) as url:
+        http_latencies(url, 2)  # warm the connection path
+        http_p50 = statistics.median(http_latencies(url, n))
+        teacher_p50 = statistics.median(http_latencies(url, args.teacher_requests, model="teacher", steps=25))
+        batched = http_throughput(url, n, k)
+    with server(model, max_batch_size=1) as url:
+        unbatched = http_throughput(url, n, k)
+    local = in_process(model, n, n, k)
+
+    rows = [
+        ("p50 latency, 3-step, 1 client (ms)", http_p50 * 1e3, local["p50_s"] * 1e3, http_p50 / local["p50_s"], "<= 1.10"),
+        (f"throughput, {k} clients (img/s)", batched, local["images_per_s"], batched / local["images_per_s"], ">= 0.90"),
+        (f"throughput, {k} clients, batching vs max_batch_size=1", batched, unbatched, batched / unbatched, "report"),
+        ("per image: teacher 25 steps + CFG vs 3-step (ms)", teacher_p50 * 1e3, http_p50 * 1e3, teacher_p50 / http_p50, ">= 10"),
+    ]  # fmt: skip
+    print(f"\nmodel {model}  requests {n}  concurrency {k}  torch threads: default")
+    print(f"{'measure':<56}{'service':>12}{'baseline':>12}{'ratio':>9}  target")
+    for name, a, b, ratio, target in rows:
+        print(f"{name:<56}{a:>12.2f}{b:>12.2f}{ratio:>9.2f}  {target}")
+    results = {
+        name: {"service": a, "baseline": b, "ratio": ratio, "target": t} for name, a, b, ratio, t in rows
+    }
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()

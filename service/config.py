@@ -1,0 +1,101 @@
+"""Service settings: one typed object, read from `FLASH_*` environment variables.
+
+    FLASH_MODEL_DIR=models/shapes64 FLASH_MAX_BATCH_SIZE=16 FLASH_API_KEYS=key1,key2 make serve
+
+Every field below is an environment variable: the field name upper-cased with the
+`FLASH_` prefix (`max_wait_ms` -> `FLASH_MAX_WAIT_MS`). Lists take a comma-separated
+string or a JSON list. A `.env` file is not read: the environment is the one source.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEVICE_PATTERN = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
+
+
+class Settings(BaseSettings):
+    """Everything `make serve` can be told; validated when built."""
+
+    model_config = SettingsConfigDict(env_prefix="FLASH_", extra="forbid", frozen=True)
+
+    model_dir: Path = Field(
+        Path("models/shapes64"),
+        description="Family folder to serve: a teacher with its students under students/ (made by distill/).",
+    )
+    host: str = Field(
+        "127.0.0.1", description="Interface to bind; 0.0.0.0 exposes the server to the network."
+    )
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0 picks a free one).")
+    device: str = Field("cpu", description="Torch device that runs the models: cpu, cuda, cuda:N or mps.")
+    backend: str = Field("torch", description="Inference backend (see service.backends.BACKENDS).")
+    max_batch_size: int = Field(16, ge=1, le=256, description="Most images in one U-Net call.")
+    max_wait_ms: float = Field(
+        2.0,
+        ge=0,
+        le=1000,
+        description="How long an idle device waits after a first request for others to batch.",
+    )
+    queue_size: int = Field(
+        64, ge=1, le=100_000, description="Requests that may wait for the device; more get 429."
+    )
+    request_timeout_s: float = Field(
+        60.0, gt=0, description="Deadline of one request, queueing included; past it 504."
+    )
+    retry_after_s: int = Field(1, ge=1, description="Retry-After header sent with 429.")
+    drain_timeout_s: float = Field(
+        30.0, ge=0, description="On SIGTERM, how long in-flight work may take to finish."
+    )
+    max_prompt_chars: int = Field(1000, ge=1, description="Longest prompt accepted, in characters.")
+    max_n: int = Field(4, ge=1, le=64, description="Most images per request.")
+    max_teacher_steps: int = Field(
+        100, ge=1, le=1000, description="Most sampling steps a teacher request may ask."
+    )
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="Bearer keys accepted on /v1/*; empty means no authentication. Comma-separated or JSON list.",
+    )
+    admin_token: SecretStr | None = Field(
+        None, description="Bearer token for /admin/*; unset disables the admin endpoints."
+    )
+    warmup: bool = Field(True, description="Run every model once before reporting ready.")
+    log_level: str = Field("info", description="uvicorn log level: critical, error, warning, info, debug.")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, v):
+        if isinstance(v, str):
+            v = v.strip()
+            keys = json.loads(v) if v.startswith("[") else v.split(",")
+            return [k.strip() for k in keys if k.strip()]
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, v: str) -> str:
+        if not DEVICE_PATTERN.match(v):
+            raise ValueError(f"unknown device {v!r}; allowed: cpu, cuda, cuda:N, mps")
+        return v
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, v: str) -> str:
+        from service.backends import BACKENDS
+
+        if v not in BACKENDS:
+            raise ValueError(f"unknown backend {v!r}; allowed: {', '.join(sorted(BACKENDS))}")
+        return v
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, v: str) -> str:
+        levels = ("critical", "error", "warning", "info", "debug", "trace")
+        if v.lower() not in levels:
+            raise ValueError(f"unknown log_level {v!r}; allowed: {', '.join(levels)}")
+        return v.lower()
