@@ -31,8 +31,9 @@ def unet_denoiser(unet) -> Denoiser:
 def initial_noise(seeds: Sequence[int], shape: tuple[int, int, int], dtype=torch.float32, device="cpu") -> Tensor:
     """x_T [B, C, h, w], one CPU generator per item (batch-independent, like diffusers' randn_tensor
     with a list of generators)."""
-    xs = [torch.randn((1, *shape), generator=torch.Generator("cpu").manual_seed(int(s)), dtype=dtype) for s in seeds]
-    return torch.cat(xs).to(device)
+    # drawn in float32 whatever the model's dtype, so fp16 and fp32 models share x_T
+    xs = [torch.randn((1, *shape), generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds]
+    return torch.cat(xs).to(device=device, dtype=dtype)
 
 
 class TextToImage:
