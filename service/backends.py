@@ -91,6 +91,18 @@ def torch_backends(family: Family, settings: Settings) -> FamilyBackends:
 BACKENDS: dict[str, BackendFactory] = {"torch": torch_backends}
 
 
+def _register_exported() -> None:
+    """ONNX Runtime and TensorRT factories from export/ (their runtimes are imported lazily)."""
+    try:
+        from export.runtime import register
+    except ImportError:  # the export extra is not installed: torch only
+        return
+    register(BACKENDS)
+
+
+_register_exported()
+
+
 def make_backend(name: str, family: Family, settings: Settings) -> FamilyBackends:
     factory = BACKENDS.get(name)
     if factory is None:

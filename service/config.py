@@ -64,6 +64,14 @@ class Settings(BaseSettings):
     admin_token: SecretStr | None = Field(
         None, description="Bearer token for /admin/*; unset disables the admin endpoints."
     )
+    onnx_dir: Path | None = Field(
+        None, description="Folder made by `flash export onnx` (backend onnxruntime); default <model_dir>/onnx."
+    )
+    engine_dir: Path | None = Field(
+        None, description="Folder made by `flash export tensorrt` (backend tensorrt); default <model_dir>/tensorrt."
+    )
+    ort_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0: its default).")
+    trt_cuda_graphs: bool = Field(False, description="Capture CUDA graphs per batch-size bucket (tensorrt).")
     warmup: bool = Field(True, description="Run every model once before reporting ready.")
     log_level: str = Field("info", description="uvicorn log level: critical, error, warning, info, debug.")
 
