@@ -30,6 +30,7 @@ class TeacherConfig:
     unet_steps: int = 6000
     unet_minutes: float = 0.0  # > 0: also stop after this many minutes of U-Net training
     batch_size: int = 64
+    latent_pool: int = 50000  # scenes rendered and VAE-encoded once; 0: encode on the fly
     lr: float = 3e-4
     text_lr: float = 3e-4
     warmup: int = 200

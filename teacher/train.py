@@ -187,11 +187,11 @@ class TeacherState:
         return Components(self.tokenizer, text, unet, self.vae, dict(SD_SCHEDULER_CONFIG))
 
 
-def train_step(state: TeacherState, x: torch.Tensor, prompts: list[str], cfg: TeacherConfig, gen: torch.Generator):
-    """One denoising-score-matching step; returns the loss."""
-    b = x.shape[0]
-    with torch.no_grad():
-        latents = state.vae.encode(x).latent_dist.sample(gen) * state.vae.config.scaling_factor
+def train_step(
+    state: TeacherState, latents: torch.Tensor, prompts: list[str], cfg: TeacherConfig, gen: torch.Generator
+) -> float:
+    """One denoising-score-matching step on scaled VAE latents [B, 4, 16, 16]; returns the loss."""
+    b = latents.shape[0]
     drop = torch.rand(b, generator=gen) < cfg.caption_dropout
     prompts = ["" if d else p for p, d in zip(prompts, drop.tolist(), strict=True)]
     ids = state.tokenizer(
@@ -223,6 +223,50 @@ def sample_grid(components: Components, prompts: list[str], steps: int, guidance
     return np.concatenate(rows, axis=0)
 
 
+@torch.no_grad()
+def build_latent_pool(cfg: TeacherConfig, vae) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Render and encode `cfg.latent_pool` scenes once (posterior mean and std, fp16), cached
+    in the run folder: encoding 64x64 images costs about a third of a U-Net step on a CPU."""
+    from safetensors.torch import load_file, save_file
+
+    path = Path(cfg.out) / "latent-pool.safetensors"
+    if path.is_file():
+        t = load_file(str(path))
+        prompts = json.loads(path.with_suffix(".json").read_text())
+        if len(prompts) == cfg.latent_pool:
+            return t["mean"], t["std"], prompts
+    means, stds, prompts = [], [], []
+    batches = image_batches(cfg.seed + 104729, 256, cfg.p_two)
+    for _ in tqdm(range(-(-cfg.latent_pool // 256)), desc="latent pool", dynamic_ncols=True):
+        x, ps = next(batches)
+        post = vae.encode(x).latent_dist
+        means.append(post.mean.half())
+        stds.append(post.std.half())
+        prompts += ps
+    mean, std = torch.cat(means)[: cfg.latent_pool], torch.cat(stds)[: cfg.latent_pool]
+    prompts = prompts[: cfg.latent_pool]
+    save_file({"mean": mean.contiguous(), "std": std.contiguous()}, str(path))
+    path.with_suffix(".json").write_text(json.dumps(prompts))
+    return mean, std, prompts
+
+
+def latent_batches(cfg: TeacherConfig, vae, seed: int):
+    """Endless (scaled latents, prompts): sampled from the pool, or encoded on the fly."""
+    scale = vae.config.scaling_factor
+    gen = torch.Generator().manual_seed(seed)
+    if cfg.latent_pool > 0:
+        mean, std, prompts = build_latent_pool(cfg, vae)
+        while True:
+            idx = torch.randint(0, len(prompts), (cfg.batch_size,), generator=gen)
+            z = mean[idx].float() + std[idx].float() * torch.randn(mean[idx].shape, generator=gen)
+            yield z * scale, [prompts[i] for i in idx.tolist()]
+    data = image_batches(seed, cfg.batch_size, cfg.p_two)
+    while True:
+        x, ps = next(data)
+        with torch.no_grad():
+            yield vae.encode(x).latent_dist.sample(gen) * scale, ps
+
+
 def train_unet(cfg: TeacherConfig, vae) -> TeacherState:
     state = TeacherState(cfg, vae)
     ckpt = Path(cfg.out) / "ckpt-unet"
@@ -232,15 +276,15 @@ def train_unet(cfg: TeacherConfig, vae) -> TeacherState:
     (Path(cfg.out) / "samples").mkdir(parents=True, exist_ok=True)
     log = open(Path(cfg.out) / "loss.jsonl", "a")  # noqa: SIM115 - open for the whole run
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + step)
-    data = image_batches(cfg.seed * 7919 + step, cfg.batch_size, cfg.p_two)
+    data = latent_batches(cfg, state.vae, cfg.seed * 7919 + step)
     start = time.time()
     bar = tqdm(range(step, cfg.unet_steps), initial=step, total=cfg.unet_steps, desc="unet", dynamic_ncols=True)
     smooth = None
     for step in bar:
         for g, base in zip(state.opt.param_groups, (cfg.lr, cfg.text_lr), strict=True):
             g["lr"] = _lr_at(step, base, cfg.warmup)
-        x, prompts = next(data)
-        loss = train_step(state, x, prompts, cfg, gen)
+        latents, prompts = next(data)
+        loss = train_step(state, latents, prompts, cfg, gen)
         smooth = loss if smooth is None else 0.98 * smooth + 0.02 * loss
         bar.set_postfix(loss=f"{smooth:.4f}")
         done = step + 1
