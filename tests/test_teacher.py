@@ -1,0 +1,48 @@
+"""The default teacher's trainer: config validation, loss weighting, a tiny resumable run."""
+
+import json
+
+import pytest
+import torch
+
+from flash.schedule import NoiseSchedule
+from flash.tiny import SD_SCHEDULER_CONFIG
+from teacher.config import TeacherConfig
+from teacher.train import min_snr_weight, train_teacher
+
+
+def test_bad_config_names_the_value(tmp_path):
+    with pytest.raises(ValueError, match="caption_dropout"):
+        TeacherConfig(caption_dropout=1.5)
+    with pytest.raises(ValueError, match="vae_channels"):
+        TeacherConfig(vae_channels=(32, 64))
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"unet_step": 5}))
+    with pytest.raises(ValueError, match="unet_step"):
+        TeacherConfig.load(f)
+
+
+def test_min_snr_weight():
+    s = NoiseSchedule.from_config(SD_SCHEDULER_CONFIG)
+    w = min_snr_weight(s, torch.tensor([0, 999]), 5.0)
+    assert w[0] < 0.01 and w[1] == 1.0  # clean end down-weighted, noisy end untouched
+    assert torch.equal(min_snr_weight(s, torch.tensor([0, 500]), 0.0), torch.ones(2))
+
+
+def test_tiny_run_trains_checkpoints_resumes_and_exports(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    torch.set_num_threads(1)
+    cfg = TeacherConfig(out=str(tmp_path / "run"), vae_steps=2, vae_batch=2, unet_steps=2, batch_size=2,
+                        latent_pool=8, checkpoint_every=2, sample_every=2)
+    train_teacher(cfg)
+    assert (tmp_path / "run" / "samples" / "step000002.png").is_file()
+    assert json.loads((tmp_path / "run" / "ckpt-unet" / "state.json").read_text())["step"] == 2
+    cfg.unet_steps = 3
+    train_teacher(cfg, export_to=tmp_path / "family")  # resumes from step 2
+    assert json.loads((tmp_path / "run" / "ckpt-unet" / "state.json").read_text())["step"] == 3
+    lines = [json.loads(x) for x in (tmp_path / "run" / "loss.jsonl").read_text().splitlines()]
+    assert lines == [] or all("loss" in x for x in lines)
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "family")  # stock diffusers loads it
+    assert pipe.vae.config.scaling_factor != 0.18215  # set from the data
+    assert pipe.unet.dtype == torch.float32 and pipe.tokenizer.model_max_length == 16
