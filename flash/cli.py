@@ -97,6 +97,12 @@ def _cmd_eval(a: argparse.Namespace) -> None:
         data = [{"row": r.row.__dict__, "metrics": r.metrics, "seconds_per_image": r.seconds_per_image} for r in results]
         Path(a.json).write_text(json.dumps(data, indent=1))
         print(f"wrote {a.json}")
+    if a.report:
+        from flash.eval.report import write_report
+
+        runs = dict(item.split("=", 1) for item in a.runs or [])
+        command = "flash eval " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "flash eval"
+        print(f"wrote {write_report(results, Path(a.report), {k: Path(v) for k, v in runs.items()}, command)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--rows", nargs="*", help="keep only rows whose name contains one of these")
     e.add_argument("--student", nargs="*", help="extra student folders to evaluate")
     e.add_argument("--json", default=None, help="write the figures here")
+    e.add_argument("--report", default=None, help="write the evaluation section, grid and plots into this markdown "
+                   "file (e.g. docs/results.md), keeping the rest of it")
+    e.add_argument("--runs", nargs="*", metavar="NAME=DIR", help="run folders whose loss.jsonl to plot in the report")
     e.set_defaults(func=_cmd_eval)
 
     # `flash serve ...` is dispatched to service.server.main before parsing (see main)

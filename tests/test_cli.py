@@ -60,10 +60,20 @@ def test_missing_student_is_explained(tmp_path):
 
 
 def test_eval_writes_table_and_json(family64, tmp_path):
-    out = tmp_path / "r.json"
-    r = flash("eval", str(family64), "--n", "6", "--batch", "3", "--rows", "3 DDIM", "3-step", "--json", str(out))
+    out, report = tmp_path / "r.json", tmp_path / "results.md"
+    report.write_text("# Results\n\nprose that must survive\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "loss.jsonl").write_text('{"step": 10, "rec": 0.5}\n{"step": 20, "rec": 0.25}\n')
+    r = flash("eval", str(family64), "--n", "8", "--batch", "4", "--rows", "3 DDIM", "3-step", "--json", str(out),
+              "--report", str(report), "--runs", f"3-step={run}")
     assert r.returncode == 0, r.stderr
     assert "| model | steps | FD-rand |" in r.stdout
     rows = json.loads(out.read_text())
     assert [x["row"]["steps"] for x in rows] == [3, 3]
     assert set(rows[0]["metrics"]["alignment"]) >= {"color", "shape", "size", "spatial", "overall"}
+    text = report.read_text()
+    assert "prose that must survive" in text and "| model | steps |" in text and "img/grid.png" in text
+    for name in ("grid.png", "steps.png", "losses.png"):
+        assert (tmp_path / "img" / name).stat().st_size > 1000
+    assert Image.open(tmp_path / "img" / "grid.png").size[1] > 2 * 64  # two rows of images
