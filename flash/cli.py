@@ -84,7 +84,7 @@ def _cmd_eval(a: argparse.Namespace) -> None:
     from flash.eval.run import Row, default_rows, evaluate_rows, results_table
 
     family = Path(a.model_dir)
-    rows = default_rows(family)
+    rows = default_rows(family, noise_correction_off=a.noise_correction_off)
     if a.rows:
         rows = [r for r in rows if any(key in r.name for key in a.rows)]
     for extra in a.student or []:
@@ -163,7 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--n", type=int, default=500, help="evaluation prompts (default: %(default)s)")
     e.add_argument("--batch", type=int, default=50)
     e.add_argument("--rows", nargs="*", help="keep only rows whose name contains one of these")
-    e.add_argument("--student", nargs="*", help="extra student folders to evaluate")
+    e.add_argument("--student", nargs="*", help="extra student folders to evaluate (e.g. ablations)")
+    e.add_argument("--noise-correction-off", action="store_true",
+                   help="also evaluate every student with noise correction switched off (Fig. 12)")
     e.add_argument("--json", default=None, help="write the figures here")
     e.add_argument("--report", default=None, help="write the evaluation section, grid and plots into this markdown "
                    "file (e.g. docs/results.md), keeping the rest of it")

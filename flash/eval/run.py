@@ -48,8 +48,9 @@ def generate(pipe: TextToImage, row: Row, prompts: list[str], seeds: list[int], 
     return pipe.decode(lat)
 
 
-def default_rows(family: Path, guidance_scale: float = 5.0) -> list[Row]:
-    """Teacher at 25 DPM-Solver++ steps and at 3 DDIM steps, then every student of the family."""
+def default_rows(family: Path, guidance_scale: float = 5.0, noise_correction_off: bool = False) -> list[Row]:
+    """Teacher at 25 DPM-Solver++ steps and at 3 DDIM steps, then every student of the family
+    (and each student again without noise correction, for the paper's Fig. 12)."""
     rows = [
         Row("teacher, 25 DPM-Solver++ steps, CFG", "teacher", 25, "dpmsolver++", guidance_scale),
         Row("teacher, 3 DDIM steps, CFG", "teacher", 3, "ddim", guidance_scale),
@@ -59,6 +60,9 @@ def default_rows(family: Path, guidance_scale: float = 5.0) -> list[Row]:
         for d in sorted(students.iterdir(), key=lambda p: p.name, reverse=True):
             if (d / "flash.json").is_file():
                 rows.append(Row(f"Imagine Flash, {d.name}", "student", 0, student_dir=str(d)))
+                if noise_correction_off:
+                    rows.append(Row(f"Imagine Flash, {d.name}, no noise correction", "student", 0,
+                                    student_dir=str(d), noise_correction=False))
     return rows
 
 
