@@ -13,10 +13,12 @@ import random
 import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -43,6 +45,7 @@ STATUS: dict[type[errors.ServiceError], tuple[int, str]] = {
     errors.ClientGone: (499, "client_closed_request"),  # nginx's code; nobody reads it, the metrics do
 }
 GENERATION_PATHS = ("/v1/images/generations", "/v1/generate")
+STATIC_DIR = Path(__file__).parent / "static"  # the playground page (docs/playground.md)
 
 
 def error_response(
@@ -155,6 +158,12 @@ def create_app(settings: Settings, seed_source: Callable[[], int] | None = None)
             raise errors.Unauthorized("missing or invalid admin token (Authorization: Bearer <token>)")
 
     app.include_router(v1_router(engine, metrics, settings, draw_seed, require_api_key))
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def playground() -> FileResponse:
+        """The playground: plain HTML/JS over /v1 (no key needed for the page itself)."""
+        return FileResponse(STATIC_DIR / "index.html")
 
     @app.get("/health/live")
     async def live():
