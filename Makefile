@@ -11,7 +11,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 MODEL  ?= models/shapes64
 
-.PHONY: serve test test-slow lint format install install-dev clean
+.PHONY: serve test test-slow test-tools lint format install install-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,7 +37,11 @@ serve: $(VENV)/.installed-serve
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 
-test: $(VENV)/.installed-dev lint
+# nginx and promtool for the deploy tests: installs only what is missing, only as root (else they skip)
+test-tools:
+	bash deploy/install-test-tools.sh
+
+test: $(VENV)/.installed-dev lint test-tools
 	$(BIN)/python -m pytest -q
 
 test-slow: $(VENV)/.installed-dev

@@ -1,0 +1,100 @@
+"""deploy/retrain.sh end to end on a tiny 64x64 family (the evaluator needs 64x64 images):
+publish a first version, distil a student and publish it past the quality gate, and refuse
+a deliberately worse model with exit 3 and a message naming the figure that dropped."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from deploy import store
+from flash.tiny import write_tiny_family
+
+ROOT = Path(__file__).resolve().parents[1]
+N = 4  # evaluation prompts: enough for the pipeline, not for a verdict on quality
+# lr 0: the distilled student stays the teacher's U-Net, so its figures equal the first version's
+TINY_DISTILL = {
+    "steps": 3, "batch_size": 2, "teacher_steps": 1, "max_steps": 1, "lr": 0.0, "adv_weight": 0.0,
+    "checkpoint_every": 1000, "sample_every": 1000, "log_every": 1, "eval_prompts": 0,
+}  # fmt: skip
+
+
+def retrain(tmp: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "FLASH_STORE": str(tmp / "store"),
+           "FLASH_FAMILY": "tiny"}  # fmt: skip
+    cmd = [
+        "bash",
+        str(ROOT / "deploy" / "retrain.sh"),
+        "--n",
+        str(N),
+        "--batch",
+        str(N),
+        "--work",
+        str(tmp / "work"),
+        *args,
+    ]
+    return subprocess.run(cmd, env=env, cwd=tmp, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("retrain")
+    write_tiny_family(tmp / "fam", image_size=64)
+    (tmp / "tiny.json").write_text(json.dumps(TINY_DISTILL))
+    return tmp
+
+
+def test_first_version_is_published_with_its_figures(tmp):
+    r = retrain(tmp, "--teacher", str(tmp / "fam"), "--version", "v1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "no current figures" in r.stdout and "[6/6] publishing tiny/v1" in r.stdout
+    card = store.read_card(tmp / "store" / "tiny" / "v1")
+    assert card["version"] == "v1" and card["eval"]["n"] == N
+    assert {"Imagine Flash, 3-step", "teacher, 25 DPM-Solver++ steps, CFG"} <= set(card["eval"]["rows"])
+    assert "overall" in card["eval"]["rows"]["Imagine Flash, 3-step"]["alignment"]
+
+
+def test_distilled_student_passes_the_gate_and_is_published(tmp):
+    if "v1" not in store.versions(tmp / "store", "tiny"):
+        assert retrain(tmp, "--teacher", str(tmp / "fam"), "--version", "v1").returncode == 0
+    store.set_current(tmp / "store", "tiny", "v1")
+    r = retrain(tmp, "--config", str(tmp / "tiny.json"), "--version", "v2")  # teacher: the current version
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "distilled" in r.stdout and "recorded figures (n=4)" in r.stdout and "passed" in r.stdout
+    student = json.loads((tmp / "store/tiny/v2/students/3-step/flash.json").read_text())
+    assert student["version"] == "v2" and student["distill"]["trained_steps"] == 1
+    assert store.read_card(tmp / "store/tiny/v2")["eval"]["rows"]
+
+
+def test_gate_refuses_a_deliberately_worse_model(tmp):
+    s = tmp / "store"
+    if "v1" not in store.versions(s, "tiny"):
+        assert retrain(tmp, "--teacher", str(tmp / "fam"), "--version", "v1").returncode == 0
+    # A random tiny family has no quality to lose, so the current version is given the figures of
+    # a good model: its recorded 3-step row says 90% overall alignment (same n, so the gate uses it).
+    if "good" not in store.versions(s, "tiny"):
+        src = tmp / "good"
+        shutil.copytree(s / "tiny" / "v1", src)
+        card = store.read_card(src)
+        card["eval"]["rows"]["Imagine Flash, 3-step"]["alignment"]["overall"] = 90.0
+        store.write_json(src / "flash.json", card)
+        store.publish(s, "tiny", src, "good")
+    store.set_current(s, "tiny", "good")
+    # the candidate: the current family with its 3-step student's weights zeroed
+    bad = tmp / "zeroed-3step"
+    if not bad.exists():
+        shutil.copytree(s / "tiny" / "good" / "students" / "3-step", bad)
+        f = bad / "diffusion_pytorch_model.safetensors"
+        save_file({k: torch.zeros_like(v) for k, v in load_file(f).items()}, f, metadata={"format": "pt"})
+    r = retrain(tmp, "--student", str(bad), "--version", "worse")
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert "REFUSED by the quality gate" in r.stderr
+    assert "Imagine Flash, 3-step: alignment.overall fell from 90" in r.stderr
+    assert "worse" not in store.versions(s, "tiny") and store.current(s, "tiny") == "good"
+    assert not [p for p in (s / "tiny").iterdir() if p.name.startswith(".")]  # staging removed
