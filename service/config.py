@@ -64,6 +64,28 @@ class Settings(BaseSettings):
     admin_token: SecretStr | None = Field(
         None, description="Bearer token for /admin/*; unset disables the admin endpoints."
     )
+    rate_limit_per_s: float = Field(
+        0.0,
+        ge=0,
+        description="Requests a second each API key (each client address without keys) may make "
+        "on /v1/*; more get 429. 0 turns the limit off.",
+    )
+    rate_limit_burst: int = Field(
+        10, ge=1, description="Requests a key may make at once before rate_limit_per_s applies."
+    )
+    max_body_bytes: int = Field(
+        65_536, ge=1024, le=64 * 2**20, description="Largest request body accepted; larger gets 413."
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Origins allowed to call the API from a browser (CORS); empty (default) sends no "
+        "CORS headers. Comma-separated or JSON list.",
+    )
+    model_root: Path | None = Field(
+        None,
+        description="When set, POST /admin/reload only loads folders inside it (the model store); "
+        "relative model_dir values are taken from it.",
+    )
     onnx_dir: Path | None = Field(
         None, description="Folder made by `flash export onnx` (backend onnxruntime); default <model_dir>/onnx."
     )
@@ -75,13 +97,21 @@ class Settings(BaseSettings):
     warmup: bool = Field(True, description="Run every model once before reporting ready.")
     log_level: str = Field("info", description="uvicorn log level: critical, error, warning, info, debug.")
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod
     def _split_keys(cls, v):
         if isinstance(v, str):
             v = v.strip()
             keys = json.loads(v) if v.startswith("[") else v.split(",")
             return [k.strip() for k in keys if k.strip()]
+        return v
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origin_form(cls, v: list[str]) -> list[str]:
+        for origin in v:
+            if origin != "*" and not re.match(r"^https?://[^/\s]+$", origin):
+                raise ValueError(f"cors origin {origin!r} must be scheme://host[:port] or *")
         return v
 
     @field_validator("device")

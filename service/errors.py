@@ -31,8 +31,32 @@ class NotReady(ServiceError):
     code = "not_ready"
 
 
+class Forbidden(ServiceError):
+    """Authenticated, but asking for something no one may have (a folder outside the store)."""
+
+    code = "forbidden"
+
+
+class PayloadTooLarge(ServiceError):
+    code = "request_too_large"
+
+
+class UnsupportedMediaType(ServiceError):
+    code = "unsupported_media_type"
+
+
 class QueueFull(ServiceError):
     code = "queue_full"
+
+    def __init__(self, message: str, retry_after_s: int):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class RateLimited(ServiceError):
+    """This API key spent its token bucket (FLASH_RATE_LIMIT_PER_S, FLASH_RATE_LIMIT_BURST)."""
+
+    code = "rate_limit_exceeded"
 
     def __init__(self, message: str, retry_after_s: int):
         super().__init__(message)

@@ -25,6 +25,9 @@ REJECTED = {  # error -> `reason` label of flash_requests_rejected_total
     errors.Unauthorized: "unauthorized",
     errors.NotReady: "not_ready",
     errors.QueueFull: "queue_full",
+    errors.RateLimited: "rate_limited",
+    errors.PayloadTooLarge: "too_large",
+    errors.UnsupportedMediaType: "unsupported_media_type",
     errors.DeadlineExceeded: "deadline",
     errors.ClientGone: "client_disconnected",
 }

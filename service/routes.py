@@ -28,7 +28,13 @@ from service.schemas import (
     ModelList,
     Timings,
     ValidationContext,
+    error_responses,
 )
+
+# Every /v1 call may meet these; generation adds its own below.
+V1_ERRORS = error_responses(401, 429, 503)
+GENERATION_ERRORS = error_responses(401, 413, 415, 422, 429, 499, 500, 503, 504)
+JSON_TYPES = ("application/json", "text/json")
 
 
 def v1_router(
@@ -41,6 +47,7 @@ def v1_router(
         if models is None or not engine.ready:
             raise errors.NotReady(engine.load_error or "the models are not loaded yet")
         limits = ValidationContext(models.catalog, settings.max_prompt_chars, max_n)
+        check_json_content_type(request.headers.get("content-type"))
         req = GenerationRequest.model_validate_json(await request.body(), context={"limits": limits})
         job = make_job(req, models.catalog, settings.request_timeout_s, draw_seed)
         request.state.labels = (job.model, str(job.steps))  # for the latency histogram
@@ -48,7 +55,12 @@ def v1_router(
         metrics.count_done(job.model, len(result.images), result.queue_s)
         return job, result
 
-    @router.post("/images/generations", response_model=ImagesResponse, openapi_extra=_body(GenerationRequest))
+    @router.post(
+        "/images/generations",
+        response_model=ImagesResponse,
+        openapi_extra=json_body(GenerationRequest),
+        responses=GENERATION_ERRORS,
+    )
     async def images_generations(request: Request) -> JSONResponse:
         """OpenAI Images API: PNGs as base64, plus the steps, seeds and timings used."""
         start = time.perf_counter()
@@ -71,7 +83,12 @@ def v1_router(
         )
         return JSONResponse(body.model_dump())
 
-    @router.post("/generate", response_class=Response, openapi_extra=_body(GenerationRequest))
+    @router.post(
+        "/generate",
+        response_class=Response,
+        openapi_extra=json_body(GenerationRequest),
+        responses={200: {"content": {"image/png": {}}, "description": "One PNG"}, **GENERATION_ERRORS},
+    )
     async def generate_png(request: Request) -> Response:
         """One image as image/png, for `curl -o`: the same body, with n = 1."""
         start = time.perf_counter()
@@ -85,7 +102,7 @@ def v1_router(
         }
         return Response(encode_png(result.images[0]), media_type="image/png", headers=headers)
 
-    @router.get("/models", response_model=ModelList)
+    @router.get("/models", response_model=ModelList, responses=V1_ERRORS)
     async def list_models() -> ModelList:
         """The names served, their step counts and image size."""
         if engine.models is None:
@@ -93,6 +110,17 @@ def v1_router(
         return model_list(engine.models.catalog)
 
     return router
+
+
+def check_json_content_type(content_type: str | None) -> None:
+    """A body sent as anything but JSON is refused (415); no Content-Type is read as JSON."""
+    if content_type is None:
+        return
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media not in JSON_TYPES and not media.endswith("+json"):
+        raise errors.UnsupportedMediaType(
+            f"Content-Type {media or '(empty)'!r} is not supported; send application/json"
+        )
 
 
 def make_job(req: GenerationRequest, catalog: Catalog, timeout_s: float, draw_seed: Callable[[], int]) -> Job:
@@ -167,7 +195,7 @@ def timings(result: JobResult, start: float) -> Timings:
     )
 
 
-def _body(model) -> dict:
+def json_body(model, required: bool = True) -> dict:
     """Document a body that the handler validates itself (the checks need the served catalog)."""
     schema = model.model_json_schema()
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+    return {"requestBody": {"required": required, "content": {"application/json": {"schema": schema}}}}

@@ -57,7 +57,7 @@ class GenerationRequest(BaseModel):
         None, ge=0, le=MAX_SEED, description="Seed of the first image; random when omitted."
     )
     guidance_scale: float | None = Field(
-        None, ge=0, le=30, description="Classifier-free guidance (teacher only)."
+        None, ge=0, le=30, allow_inf_nan=False, description="Classifier-free guidance (teacher only)."
     )
     # OpenAI fields that clients send and that do not change what this server draws.
     stream: Literal[False] = False
@@ -200,3 +200,24 @@ class ErrorResponse(BaseModel):
     """Every non-2xx answer: {"error": {"message", "type", "param", "code"}}."""
 
     error: ErrorBody
+
+
+ERROR_DESCRIPTIONS = {
+    400: "Malformed request",
+    401: "Missing or wrong bearer token",
+    403: "Not allowed (admin endpoints disabled, or a folder outside the model store)",
+    409: "A reload is already running",
+    413: "Request body over FLASH_MAX_BODY_BYTES",
+    415: "Body is not application/json",
+    422: "Invalid request; the message names the allowed values",
+    429: "Queue full or per-key rate limit; see Retry-After",
+    499: "The client disconnected before its result was ready",
+    500: "Generation failed (or an unexpected error; no details are sent)",
+    503: "Not ready: loading, draining or stopped",
+    504: "No result within FLASH_REQUEST_TIMEOUT_S",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict]:
+    """OpenAPI `responses` for errors: each in the one shape, ErrorResponse."""
+    return {s: {"model": ErrorResponse, "description": ERROR_DESCRIPTIONS[s]} for s in statuses}
