@@ -303,11 +303,18 @@ def train_unet(cfg: TeacherConfig, vae) -> TeacherState:
     return state
 
 
-def export_teacher(state: TeacherState, out_dir: Path, cfg: TeacherConfig, fp16: bool = True) -> None:
-    """The stock diffusers folder (EMA weights; fp16 on disk where it does not hurt)."""
+def export_teacher(
+    state: TeacherState, out_dir: Path, cfg: TeacherConfig, fp16: bool = True, version: str = "0", **training
+) -> None:
+    """The stock diffusers folder (EMA weights; fp16 on disk where it does not hurt) and its card;
+    `training` (e.g. steps, minutes) is recorded in the card."""
     c = state.components(ema=True)
     save_components(c, out_dir, dtype=torch.float16 if fp16 else None)
-    write_card(out_dir, FamilyCard(name=cfg.name, guidance_scale=cfg.guidance_scale, teacher_config=cfg.to_dict()))
+    card = FamilyCard(
+        name=cfg.name, version=version, guidance_scale=cfg.guidance_scale, teacher_config=cfg.to_dict(),
+        teacher_training=training,
+    )
+    write_card(out_dir, card)
 
 
 def train_teacher(cfg: TeacherConfig, export_to: Path | None = None) -> TeacherState:
