@@ -12,6 +12,7 @@ class TeacherConfig:
     out: str = "runs/teacher"
     seed: int = 0
     name: str = "shapes64"
+    init_from: str = ""  # a shipped teacher folder to continue from (when `out` has no checkpoint)
     # VAE: 64x64x3 -> 16x16x4
     vae_channels: tuple[int, ...] = (32, 64, 64)
     vae_steps: int = 700

@@ -173,6 +173,18 @@ class TeacherState:
         )
         self.schedule = NoiseSchedule.from_config(SD_SCHEDULER_CONFIG)
 
+    def load_weights(self, folder: Path) -> None:
+        """Start (weights and EMA) from a diffusers teacher folder of the same architecture."""
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32)
+        text = CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=torch.float32)
+        self.unet.load_state_dict(unet.state_dict())
+        self.text_encoder.load_state_dict(text.state_dict())
+        self.ema_unet = EMA(self.unet, self.ema_unet.decay)
+        self.ema_text = EMA(self.text_encoder, self.ema_text.decay)
+
     def modules(self) -> dict:
         return {"unet": self.unet, "text": self.text_encoder, "ema_unet": self.ema_unet, "ema_text": self.ema_text}
 
@@ -273,6 +285,8 @@ def train_unet(cfg: TeacherConfig, vae) -> TeacherState:
     step = 0
     if ckpt.is_dir():
         step, _ = load_checkpoint(ckpt, state.modules(), {"opt": state.opt})
+    elif cfg.init_from:
+        state.load_weights(Path(cfg.init_from))
     (Path(cfg.out) / "samples").mkdir(parents=True, exist_ok=True)
     log = open(Path(cfg.out) / "loss.jsonl", "a")  # noqa: SIM115 - open for the whole run
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + step)
@@ -322,8 +336,10 @@ def train_teacher(cfg: TeacherConfig, export_to: Path | None = None) -> TeacherS
 
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     (Path(cfg.out) / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
-    vae_dir = train_vae(cfg)
-    vae = AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True)
+    # init_from: continue from a shipped teacher (its VAE as is; U-Net and text encoder
+    # as the starting weights, fresh optimiser) when the run folder has no checkpoint
+    vae_dir = Path(cfg.init_from) / "vae" if cfg.init_from else train_vae(cfg)
+    vae = AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True, torch_dtype=torch.float32)
     state = train_unet(cfg, vae)
     if export_to is not None:
         export_teacher(state, Path(export_to), cfg)

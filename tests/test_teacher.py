@@ -46,3 +46,18 @@ def test_tiny_run_trains_checkpoints_resumes_and_exports(tmp_path):
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "family")  # stock diffusers loads it
     assert pipe.vae.config.scaling_factor != 0.18215  # set from the data
     assert pipe.unet.dtype == torch.float32 and pipe.tokenizer.model_max_length == 16
+
+
+def test_init_from_a_shipped_teacher_continues_its_weights(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    torch.set_num_threads(1)
+    first = TeacherConfig(out=str(tmp_path / "a"), vae_steps=1, vae_batch=2, unet_steps=1, batch_size=2,
+                          latent_pool=4, sample_every=100)
+    train_teacher(first, export_to=tmp_path / "fam")
+    shipped = UNet2DConditionModel.from_pretrained(tmp_path / "fam" / "unet", torch_dtype=torch.float32)
+    cont = TeacherConfig(out=str(tmp_path / "b"), unet_steps=0, batch_size=2, latent_pool=4,
+                         init_from=str(tmp_path / "fam"))
+    state = train_teacher(cont)
+    assert not (tmp_path / "b" / "vae").exists()  # the shipped VAE is reused, not retrained
+    assert torch.equal(state.unet.conv_in.weight, shipped.conv_in.weight)
