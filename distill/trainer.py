@@ -223,7 +223,7 @@ def distill(cfg: DistillConfig, progress: bool = True) -> Path:
     if main:
         unet = ema_student(m, accelerator)
         figures = {}
-        if cfg.prompts == "shapes" and cfg.eval_prompts > 0:
+        if cfg.prompts == "shapes" and cfg.eval_prompts > 0 and m.pipe.image_size == shapes.SIZE:
             figures = evaluate_student(m, unet, cfg, cfg.eval_prompts)
         card = StudentCard(
             steps=cfg.steps,

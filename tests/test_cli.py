@@ -77,3 +77,16 @@ def test_eval_writes_table_and_json(family64, tmp_path):
     for name in ("grid.png", "steps.png", "losses.png"):
         assert (tmp_path / "img" / name).stat().st_size > 1000
     assert Image.open(tmp_path / "img" / "grid.png").size[1] > 2 * 64  # two rows of images
+
+
+def test_distill_publishes_a_student_into_the_family(tmp_path):
+    fam = write_tiny_family(tmp_path / "fam", image_size=64)
+    cfg = tmp_path / "d.json"
+    cfg.write_text(json.dumps({"steps": 2, "batch_size": 2, "teacher_steps": 1, "max_steps": 1,
+                               "eval_prompts": 4, "sample_every": 100, "checkpoint_every": 100}))
+    r = flash("distill", "--config", str(cfg), "--teacher", str(fam), "--out", str(tmp_path / "run"),
+              "--publish", str(fam))
+    assert r.returncode == 0, r.stderr[-2000:]
+    card = json.loads((fam / "students" / "2-step" / "flash.json").read_text())
+    assert card["distill"]["trained_steps"] == 1 and card["teacher"] == "../.."
+    assert set(card["eval"]["alignment"]) >= {"overall", "spatial"}
