@@ -20,11 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -32,45 +28,18 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
+from service.testing import serve_in_process
+
 STUDENT = "flash-3step"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager
 def server(model: Path, max_batch_size: int, timeout: float = 300):
     """`python -m service` in a subprocess; yields its base URL once /health/ready is 200."""
-    port = free_port()
-    env = {**os.environ, "FLASH_QUEUE_SIZE": "1024", "FLASH_REQUEST_TIMEOUT_S": "600"}
-    cmd = [sys.executable, "-m", "service", "--model", str(model), "--port", str(port)]
-    cmd += ["--max-batch-size", str(max_batch_size), "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}")
-            try:
-                if httpx.get(f"{url}/health/ready", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("server not ready")
-            time.sleep(0.1)
+    env = {"FLASH_QUEUE_SIZE": "1024", "FLASH_REQUEST_TIMEOUT_S": "600", "FLASH_LOG_LEVEL": "warning",
+           "FLASH_MAX_BATCH_SIZE": str(max_batch_size)}
+    with serve_in_process(model, env, timeout) as (url, _):
         yield url
-    finally:
-        proc.terminate()  # SIGTERM: drains, then exits
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def body(i: int, model: str = STUDENT, **extra) -> dict:

@@ -26,9 +26,7 @@ import json
 import os
 import random
 import re
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,7 +38,8 @@ from urllib.parse import urlparse
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
+from service.testing import serve_in_process
+
 GEN = "/v1/images/generations"
 DEFAULT_MIX = "flash-1step=3,flash-2step=3,flash-3step=3,teacher:4=1"
 PROMPTS = [
@@ -124,47 +123,20 @@ def require_loopback(url: str) -> None:
         raise SystemExit(f"refusing to load-test {url}: only loopback addresses (127.0.0.0/8, ::1)")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def own_server(model: Path, queue_size: int, max_batch_size: int, timeout: float = 300):
     """`python -m service` on a free 127.0.0.1 port; yields (url, pid); SIGTERM at the end."""
-    port = free_port()
     env = {
-        **os.environ,
         "FLASH_QUEUE_SIZE": str(queue_size),
         "FLASH_MAX_BATCH_SIZE": str(max_batch_size),
         "FLASH_LOG_LEVEL": "warning",  # no access log line per request
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
     }
-    env.setdefault("OMP_NUM_THREADS", "1")
-    cmd = [sys.executable, "-m", "service", "--model", str(model), "--host", "127.0.0.1", "--port", str(port)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
-    url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"the server exited with {proc.returncode} before it was ready")
-            try:
-                if httpx.get(f"{url}/health/ready", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit(f"the server was not ready after {timeout} s")
-            time.sleep(0.1)
-        yield url, proc.pid
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        with serve_in_process(model, env, timeout) as (url, proc):
+            yield url, proc.pid
+    except (RuntimeError, TimeoutError) as e:
+        raise SystemExit(str(e)) from e
 
 
 def rss_kib(pid: int | None) -> int | None:

@@ -1,4 +1,5 @@
-"""A real uvicorn server on 127.0.0.1 in a background thread, for tests and benchmarks.
+"""Real servers on 127.0.0.1 for tests and benchmarks: in a background thread
+(`serve_in_thread`) or as its own process (`serve_in_process`, `python -m service`).
 
 with serve_in_thread(Settings(model_dir=...)) as (base_url, server):
     httpx.get(f"{base_url}/v1/models")
@@ -6,11 +7,15 @@ with serve_in_thread(Settings(model_dir=...)) as (base_url, server):
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 
@@ -53,3 +58,42 @@ def wait_ready(base_url: str, timeout: float, thread: threading.Thread | None = 
             last = repr(e)
         time.sleep(0.05)
     raise TimeoutError(f"{base_url} not ready after {timeout} s: {last}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def serve_in_process(
+    model: Path, env: dict[str, str] | None = None, timeout: float = 300
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`python -m service --model MODEL` on a free loopback port (FLASH_* overrides in `env`);
+    yields (url, process) once /health/ready is 200; SIGTERM (drain) at the end."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "service", "--model", str(model), "--host", "127.0.0.1", "--port", str(port)]
+    proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1], env={**os.environ, **(env or {})})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the server exited with {proc.returncode} before it was ready")
+            try:
+                if httpx.get(f"{url}/health/ready", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the server was not ready after {timeout} s")
+            time.sleep(0.1)
+        yield url, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
