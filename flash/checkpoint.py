@@ -67,11 +67,17 @@ def save_checkpoint(
     tensors["rng/torch"] = torch.get_rng_state()
     save_file(tensors, str(tmp / STATE))
     (tmp / META).write_text(json.dumps({"step": step, "optimizers": opt_meta, "meta": meta or {}}, indent=1))
-    old = folder.with_name(folder.name + ".old")
+    replace_dir(tmp, folder)
+
+
+def replace_dir(tmp: Path, dest: Path) -> None:
+    """Move a finished folder into place; the old one is renamed aside first and removed last,
+    so a crash leaves either the old or the new folder (or `.old` to recover from)."""
+    old = dest.with_name(dest.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
-    if folder.exists():
-        folder.rename(old)
-    tmp.rename(folder)
+    if dest.exists():
+        dest.rename(old)
+    tmp.rename(dest)
     shutil.rmtree(old, ignore_errors=True)
 
 

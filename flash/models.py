@@ -249,6 +249,8 @@ def publish_student(student_dir: Path, family: Path) -> Path:
     """Copy a finished student into `family/students/<n>-step`, replacing any old one atomically."""
     import shutil
 
+    from flash.checkpoint import replace_dir
+
     card = read_student_card(student_dir)
     check_weights(student_dir)
     dest = Path(family) / STUDENTS / f"{card.steps}-step"
@@ -257,10 +259,5 @@ def publish_student(student_dir: Path, family: Path) -> Path:
     shutil.copytree(student_dir, tmp)
     card = card.model_copy(update={"teacher": "../.."})
     write_card(tmp, card)
-    old = dest.with_name(dest.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if dest.exists():
-        dest.rename(old)
-    tmp.rename(dest)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, dest)
     return dest
