@@ -169,6 +169,16 @@ def save_components(c: Components, path: Path, scheduler=None, dtype: torch.dtyp
     if dtype is not None:
         pipe = pipe.to(dtype=dtype)
     pipe.save_pretrained(path, safe_serialization=True)
+    if dtype is not None:
+        # Weights are stored narrow to save space, but load in float32 by default: transformers
+        # otherwise loads the text encoder in its stored dtype while diffusers loads the U-Net in
+        # float32, and a plain StableDiffusionPipeline.from_pretrained(path) fails on mixed dtypes.
+        cfg = Path(path) / "text_encoder" / "config.json"
+        data = json.loads(cfg.read_text())
+        for key in ("dtype", "torch_dtype"):
+            if key in data:
+                data[key] = "float32"
+        cfg.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def save_student(unet, card: StudentCard, folder: Path, scheduler_config: dict, dtype=None) -> None:
