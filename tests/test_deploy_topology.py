@@ -11,7 +11,6 @@ file order (the kill is last); each also runs on its own.
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,6 +22,7 @@ import pytest
 
 from deploy import nginx_conf, store
 from flash.tiny import write_tiny_family
+from service.testing import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 ADMIN = "admin-secret"
@@ -31,12 +31,6 @@ NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.access("/usr/sbin/ngin
 pytestmark = pytest.mark.skipif(
     NGINX is None, reason="nginx is not installed (deploy/install-test-tools.sh installs it as root)"
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(url: str, timeout: float, procs=()) -> None:
