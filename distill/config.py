@@ -15,6 +15,7 @@ from flash.schedule import validate_timesteps
 from flash.scheduler import DEFAULT_TIMESTEPS
 
 PROMPT_SOURCES = ("shapes", "file")
+SAVE_DTYPES = ("float32", "float16", "bfloat16")
 
 
 @dataclass
@@ -24,6 +25,8 @@ class DistillConfig:
     steps: int = 3  # student step count
     timesteps: list[int] = field(default_factory=list)  # empty: the paper's schedule for `steps`
     seed: int = 0
+    student_init: str = ""  # U-Net or student folder to start from; "": the teacher's U-Net (the paper)
+    save_dtype: str = "float32"  # weights of the finished student: float32, float16 or bfloat16
 
     # data
     prompts: str = "shapes"  # "shapes" (the shapes-64 grammar) or "file" (prompts_file, one per line)
@@ -80,6 +83,8 @@ class DistillConfig:
         for _threshold, g in self.gamma:
             if not 0 <= g <= 999:
                 raise ValueError(f"gamma value {g} out of range [0, 999] in {self.gamma}")
+        if self.save_dtype not in SAVE_DTYPES:
+            raise ValueError(f"unknown save_dtype {self.save_dtype!r}; allowed: {', '.join(SAVE_DTYPES)}")
         self.adam_betas = tuple(self.adam_betas)
 
     @property

@@ -25,7 +25,7 @@ from distill.losses import hinge_d_loss, hinge_g_loss, reconstruction_loss, shif
 from flash.checkpoint import EMA, load_checkpoint, save_checkpoint
 from flash.data import shapes
 from flash.images import save_png
-from flash.models import Components, StudentCard, folder_sha256, load_components, save_student
+from flash.models import Components, StudentCard, folder_sha256, load_components, load_unet, save_student
 from flash.pipeline import TextToImage, unet_denoiser
 from flash.sampling import run_student
 
@@ -55,7 +55,11 @@ def build_models(cfg: DistillConfig, accelerator) -> Models:
     for m in (teacher.text_encoder, teacher.unet, teacher.vae):
         m.requires_grad_(False)
     pipe = TextToImage(teacher)
-    student = copy.deepcopy(teacher.unet).train().requires_grad_(True)  # starts from the teacher
+    if cfg.student_init:  # e.g. a 3-step student as the start of the 2- and 1-step ones
+        student = init_unet(Path(cfg.student_init), teacher.unet)
+    else:  # the paper: the student starts from the teacher
+        student = copy.deepcopy(teacher.unet)
+    student.train().requires_grad_(True)
     ema = EMA(student, cfg.ema_decay)
     opt = torch.optim.Adam(student.parameters(), lr=cfg.lr, betas=cfg.adam_betas)
     disc = opt_d = None
@@ -66,6 +70,17 @@ def build_models(cfg: DistillConfig, accelerator) -> Models:
     else:
         student, opt = accelerator.prepare(student, opt)
     return Models(teacher, pipe, student, ema, opt, disc, opt_d)
+
+
+def init_unet(folder: Path, teacher_unet) -> torch.nn.Module:
+    """A student's starting U-Net from a student folder or a diffusers folder; same interface as the teacher's."""
+    folder = folder / "unet" if (folder / "unet").is_dir() else folder
+    unet = load_unet(folder, torch.float32).to(teacher_unet.device)
+    keys = ("in_channels", "out_channels", "cross_attention_dim", "sample_size")
+    mismatched = {k: (unet.config[k], teacher_unet.config[k]) for k in keys if unet.config[k] != teacher_unet.config[k]}
+    if mismatched:
+        raise ValueError(f"student_init {folder} does not fit the teacher: {mismatched} (init, teacher)")
+    return unet
 
 
 @torch.no_grad()
@@ -235,6 +250,6 @@ def distill(cfg: DistillConfig, progress: bool = True) -> Path:
             distill={**cfg.to_dict(), "trained_steps": step + 1, "minutes": round((time.time() - start) / 60, 2)},
             eval=figures,
         )
-        save_student(unet, card, folder, m.teacher.scheduler_config)
+        save_student(unet, card, folder, m.teacher.scheduler_config, dtype=getattr(torch, cfg.save_dtype))
     accelerator.wait_for_everyone()
     return folder

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from distill import trainer
 from distill.config import DistillConfig
 from distill.discriminator import Discriminator
 from distill.losses import hinge_d_loss, hinge_g_loss, reconstruction_loss, shifted_timestep, srl_target
-from flash.models import load_student
+from flash.models import load_components, load_student
 from flash.schedule import NoiseSchedule
 from flash.tiny import SD_SCHEDULER_CONFIG, write_tiny_family
 
@@ -122,9 +123,33 @@ def test_distill_loop_checkpoints_resumes_and_writes_a_student(family, tmp_path)
     assert load_student(resumed).card.distill["trained_steps"] == 3
 
 
+def test_student_init_starts_from_another_student_and_save_dtype_casts(family, tmp_path):
+    first = trainer.distill(_cfg(family, tmp_path, max_steps=1, save_dtype="float16"), progress=False)
+    weights = next(first.glob("*.safetensors"))
+    from safetensors import safe_open
+
+    with safe_open(weights, "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+    cfg = _cfg(family, tmp_path / "b", steps=1, student_init=str(first))
+    init = trainer.init_unet(Path(cfg.student_init), load_components(Path(family)).unet)
+    ref = load_student(first).unet
+    assert all(torch.equal(a, b) for a, b in zip(init.state_dict().values(), ref.state_dict().values(), strict=True))
+    assert load_student(trainer.distill(cfg, progress=False)).card.steps == 1
+
+
+def test_student_init_must_fit_the_teacher(family, tmp_path):
+    from flash.models import save_components
+    from flash.tiny import tiny_components
+
+    save_components(tiny_components(image_size=64), tmp_path / "other")  # a U-Net for another latent size
+    with pytest.raises(ValueError, match="sample_size"):
+        trainer.init_unet(tmp_path / "other", load_components(Path(family)).unet)
+
+
 @pytest.mark.parametrize(
     ("kw", "match"),
     [
+        (dict(save_dtype="int8"), "int8"),
         (dict(steps=2, timesteps=[999, 750, 500]), "steps=2"),
         (dict(timesteps=[500, 999]), "descending"),
         (dict(prompts="web"), "'web'"),
