@@ -81,14 +81,13 @@ def _cmd_distill(a: argparse.Namespace) -> None:
 
 
 def _cmd_eval(a: argparse.Namespace) -> None:
-    from flash.eval.run import Row, default_rows, evaluate_rows, results_table
+    from flash.eval.run import default_rows, evaluate_rows, extra_student_rows, results_table
 
     family = Path(a.model_dir)
     rows = default_rows(family, noise_correction_off=a.noise_correction_off)
     if a.rows:
         rows = [r for r in rows if any(key in r.name for key in a.rows)]
-    for extra in a.student or []:
-        rows.append(Row(f"student {Path(extra).name}", "student", 0, student_dir=extra))
+    rows += extra_student_rows(a.student or [])
     if not rows:
         raise CliError("no rows to evaluate")
     results = evaluate_rows(family, rows, n=a.n, batch=a.batch)
@@ -158,12 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = add("eval", "score teacher and students on the shapes-64 evaluation prompts (paper Table 1 in miniature)",
             "flash eval models/shapes64 --n 500 --json results.json\n"
-            "  flash eval models/shapes64 --rows 3-step --student runs/ablate-no-srl/student")
+            "  flash eval models/shapes64 --rows 3-step --student 'no SRL=runs/ablation-3step-no-srl/student'")
     e.add_argument("model_dir", nargs="?", default=DEFAULT_MODEL)
     e.add_argument("--n", type=int, default=500, help="evaluation prompts (default: %(default)s)")
     e.add_argument("--batch", type=int, default=50)
     e.add_argument("--rows", nargs="*", help="keep only rows whose name contains one of these")
-    e.add_argument("--student", nargs="*", help="extra student folders to evaluate (e.g. ablations)")
+    e.add_argument("--student", nargs="*", metavar="[NAME=]DIR",
+                   help="extra student folders to evaluate (ablations; their own table in the report)")
     e.add_argument("--noise-correction-off", action="store_true",
                    help="also evaluate every student with noise correction switched off (Fig. 12)")
     e.add_argument("--json", default=None, help="write the figures here")

@@ -66,14 +66,17 @@ def test_eval_writes_table_and_json(family64, tmp_path):
     run.mkdir()
     (run / "loss.jsonl").write_text('{"step": 10, "rec": 0.5}\n{"step": 20, "rec": 0.25}\n')
     r = flash("eval", str(family64), "--n", "8", "--batch", "4", "--rows", "3 DDIM", "3-step", "--json", str(out),
-              "--report", str(report), "--runs", f"3-step={run}")
+              "--report", str(report), "--runs", f"3-step={run}",
+              "--student", f"no SRL={family64 / 'students' / '2-step'}")
     assert r.returncode == 0, r.stderr
     assert "| model | steps | FD-rand |" in r.stdout
     rows = json.loads(out.read_text())
-    assert [x["row"]["steps"] for x in rows] == [3, 3]
+    assert [x["row"]["steps"] for x in rows] == [3, 3, 2]
+    assert rows[2]["row"]["name"] == "no SRL" and rows[2]["row"]["ablation"]
     assert set(rows[0]["metrics"]["alignment"]) >= {"color", "shape", "size", "spatial", "overall"}
     text = report.read_text()
     assert "prose that must survive" in text and "| model | steps |" in text and "img/grid.png" in text
+    assert text.count("| model | steps |") == 2 and "| no SRL | 2 |" in text  # the ablation table
     for name in ("grid.png", "steps.png", "losses.png"):
         assert (tmp_path / "img" / name).stat().st_size > 1000
     assert Image.open(tmp_path / "img" / "grid.png").size[1] > 2 * 64  # two rows of images

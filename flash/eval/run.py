@@ -29,6 +29,7 @@ class Row:
     guidance_scale: float = 5.0  # teacher rows
     student_dir: str = ""  # student rows
     noise_correction: bool | None = None  # None: the student's own setting
+    ablation: bool = False  # an extra student (Table 3), reported in its own table
 
 
 @dataclass
@@ -89,6 +90,17 @@ def evaluate_rows(
         steps = student.card.steps if student else row.steps
         results.append(RowResult(Row(**{**row.__dict__, "steps": steps}), evaluate(imgs, prompts), elapsed / n, imgs))
     return results
+
+
+def extra_student_rows(specs: list[str]) -> list[Row]:
+    """`NAME=DIR` or `DIR` (named after the folder, or its parent for a run's `student/`) per extra student."""
+    rows = []
+    for spec in specs:
+        name, _, folder = spec.rpartition("=") if "=" in spec else ("", "", spec)
+        path = Path(folder)
+        name = name or (path.parent.name if path.name == "student" else path.name)
+        rows.append(Row(name, "student", 0, student_dir=folder, ablation=True))
+    return rows
 
 
 def results_table(results: list[RowResult]) -> str:
