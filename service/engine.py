@@ -3,7 +3,7 @@
 One worker thread owns the device and runs the `Batcher`; the asyncio side only puts
 jobs on a bounded queue and awaits their `concurrent.futures.Future`. Anything else
 that must touch the device (warm-up) is sent to the same thread with `on_device`.
-A reload loads a new `ModelSet` on a helper thread, warms it up on the device
+A reload loads a new `ModelSet` on a short-lived loader thread, warms it up on the device
 thread (a short pause of serving: warm-up is one image per model), then swaps one
 reference: the loop reads it before each admission, so jobs already in flight
 finish on the version they started with.
@@ -80,6 +80,27 @@ def warmup(models: ModelSet, max_batch_size: int) -> None:
         batcher.run_once(models)
     for job in jobs:
         job.future.result(timeout=0)
+
+
+async def in_own_thread(fn: Callable, *args, name: str = "flash-loader"):
+    """`fn(*args)` on a new thread that exits when done.
+
+    Not `asyncio.to_thread`: a pooled thread that has run torch keeps its OpenMP thread team
+    alive, and once a process holds more OpenMP threads than cores, libgomp stops spin-waiting
+    (GOMP_SPINCOUNT is throttled), so every small op on the device thread pays a futex
+    wake-up: 2x per call on 2 cores (docs/benchmarks.md). An exited thread frees its team.
+    """
+    fut: Future = Future()
+
+    def run() -> None:
+        if fut.set_running_or_notify_cancel():
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as e:  # handed to the awaiting coroutine
+                fut.set_exception(e)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return await asyncio.wrap_future(fut)
 
 
 class Engine:
@@ -199,7 +220,7 @@ class Engine:
             await asyncio.to_thread(self._thread.join, 10)
 
     async def _load(self, path: Path) -> ModelSet:
-        models = await asyncio.to_thread(self._loader, self.settings, path)
+        models = await in_own_thread(self._loader, self.settings, path)
         if self.settings.warmup:
             await self.on_device(warmup, models, self.settings.max_batch_size)
         return models

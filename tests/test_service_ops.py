@@ -7,6 +7,7 @@ import io
 import shutil
 import signal
 import subprocess
+import threading
 import time
 
 import httpx
@@ -181,3 +182,26 @@ def test_metrics_pass_promtool(server):
     assert check.returncode == 0 and not check.stdout.strip() and not check.stderr.strip(), (
         check.stdout + check.stderr
     )
+
+
+def test_models_load_on_a_thread_that_exits(family):
+    """Loading on a pooled thread (asyncio.to_thread) would keep an OpenMP team alive next to the
+    device thread's, and libgomp then stops spinning: 2x per U-Net step on 2 cores."""
+    from service.engine import in_own_thread, load_model_set
+
+    seen = []
+
+    def loader(settings, path):
+        seen.append(threading.current_thread())
+        return load_model_set(settings, path)
+
+    async def run():
+        models = await in_own_thread(loader, Settings(model_dir=family), family)
+        with pytest.raises(ValueError, match="boom"):
+            await in_own_thread(lambda: (_ for _ in ()).throw(ValueError("boom")))
+        return models
+
+    assert asyncio.run(run()).students
+    (thread,) = seen
+    thread.join(timeout=10)
+    assert thread.name == "flash-loader" and thread is not threading.main_thread() and not thread.is_alive()
