@@ -126,6 +126,30 @@ def providers_for(device: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+_shared_pool: bool | None = None  # whether this process's ONNX Runtime sessions share one thread pool
+
+
+def shared_thread_pool(threads: int = 0) -> bool:
+    """One intra-op thread pool for every session in the process, set up before the first one.
+
+    A backend holds several sessions (text encoder, U-Nets, VAE decoder) called one after
+    another; with a pool each, their spinning threads fight over the cores (on 2 cores the
+    3-step pipeline ran 1.4x faster than torch with per-session pools, 2.4x with one shared:
+    docs/benchmarks.md). The size is fixed by the first call (0: ONNX Runtime's default).
+    False where this onnxruntime build cannot share pools; sessions then get their own.
+    """
+    global _shared_pool
+    if _shared_pool is None:
+        try:
+            from onnxruntime.capi import _pybind_state
+
+            _pybind_state.set_global_thread_pool_sizes(int(threads), 0)
+            _shared_pool = True
+        except (ImportError, AttributeError, RuntimeError):
+            _shared_pool = False
+    return _shared_pool
+
+
 class OrtModel:
     """One ONNX Runtime session: numpy arrays in by input name, the list of outputs back.
 
@@ -142,7 +166,9 @@ class OrtModel:
             raise _backend_error(f"ONNX file {path} is missing; re-run the export")
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
+        if shared_thread_pool(threads):
+            opts.use_per_session_threads = False
+        elif threads:
             opts.intra_op_num_threads = int(threads)
         self.path = path
         self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers_for(device))

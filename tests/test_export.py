@@ -19,7 +19,7 @@ from export.onnx import (
     onnx_export,
     source_hashes,
 )
-from export.runtime import OrtModel, onnxruntime_backends, register
+from export.runtime import OrtModel, onnxruntime_backends, register, shared_thread_pool
 from flash.models import load_family
 from flash.pipeline import TextToImage
 from flash.sampling import run_student
@@ -176,6 +176,8 @@ def test_static_batch_graph_pads_and_splits(family, tmp_path):
     path = onnx_export(unet, (x, t, cond), tmp_path / "u.onnx", UNET_INPUTS, UNET_OUTPUTS, None, 17)
     model = OrtModel(path, threads=1)
     assert model.fixed_batch == 2
+    # every session of the process shares one thread pool (per-session pools fight over the cores)
+    assert shared_thread_pool() and not model.session.get_session_options().use_per_session_threads
     x3, t3, c3 = torch.randn(3, 4, 8, 8), torch.tensor([999.0, 750.0, 500.0]), torch.randn(3, 12, 32)
     with torch.no_grad():
         ref = unet(x3, t3, c3).numpy()
