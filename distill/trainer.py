@@ -89,7 +89,10 @@ def encode_images(pipe: TextToImage, images: np.ndarray, gen: torch.Generator) -
     x = shapes.to_tensor_range(images).to(pipe.device, vae.dtype)  # (B, 3, H, W) in [-1, 1]
     if x.shape[-1] != pipe.image_size:
         x = torch.nn.functional.interpolate(x, size=pipe.image_size, mode="area")
-    return vae.encode(x).latent_dist.sample(gen) * vae.config.scaling_factor
+    latents = vae.encode(x).latent_dist.sample(gen) * vae.config.scaling_factor
+    # the sample comes back channels-last; a student step on channels-last x_t segfaults in
+    # torch 2.13's CPU backward (forward-distillation ablation, 16x16x4 latents, batch 16)
+    return latents.contiguous()
 
 
 def distill_step(

@@ -108,6 +108,16 @@ def test_distill_step_backward_trains_the_student_only(family, tmp_path, monkeyp
     assert changed and teacher_same
 
 
+def test_real_latents_are_contiguous(family, tmp_path):
+    from accelerate import Accelerator
+
+    cfg = _cfg(family, tmp_path)
+    m = trainer.build_models(cfg, Accelerator(cpu=True))
+    _, images = next(trainer.make_stream(cfg, m.pipe.image_size, 0))
+    real = trainer.encode_images(m.pipe, images, torch.Generator().manual_seed(0))
+    assert real.shape == (2, *m.pipe.latent_shape) and real.is_contiguous()
+
+
 def test_ablation_switches(family, tmp_path, monkeypatch):
     logs, calls, _, _ = _run_step(family, tmp_path, monkeypatch, backward=False, adv_weight=0.0)
     assert calls == [] and set(logs) == {"rec"}  # forward distillation, no discriminator
