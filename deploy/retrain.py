@@ -6,8 +6,10 @@
 
 1. stage     copy the teacher family (its students too, minus onnx/ and tensorrt/) into
              store/<family>/.staging-<version>/
-2. distil    one student per --config (distill.trainer.distill, teacher = the staged folder),
-             published into the staged family; --student folders are added as they are
+2. distil    one student per --config, in order (distill.trainer.distill, teacher = the staged
+             folder), published into the staged family; a `student_init` inside the config's
+             teacher (the 2- and 1-step configs start from its 3-step student) is read from the
+             staged family, so list the 3-step config first; --student folders are added as they are
 3. evaluate  the project's evaluator (flash.eval.run, the rows of `flash eval`) on --n prompts
 4. gate      the same rows of the current version (its recorded figures when they were made with
              the same n, else evaluated again) against the candidate's: any gated figure worse by
@@ -95,6 +97,11 @@ def distill_into(config: Path, family_dir: Path, work: Path) -> Path:
     from flash.models import publish_student
 
     cfg = DistillConfig.load(config, teacher=str(family_dir), out=str(work / Path(config).stem))
+    original = DistillConfig.load(config)
+    init = Path(cfg.student_init)
+    if cfg.student_init and init.is_relative_to(original.teacher):
+        # e.g. models/shapes64/students/3-step: the student just made for this version (list it first)
+        cfg.student_init = str(family_dir / init.relative_to(original.teacher))
     return publish_student(distill(cfg), family_dir)
 
 

@@ -98,3 +98,22 @@ def test_gate_refuses_a_deliberately_worse_model(tmp):
     assert "Imagine Flash, 3-step: alignment.overall fell from 90" in r.stderr
     assert "worse" not in store.versions(s, "tiny") and store.current(s, "tiny") == "good"
     assert not [p for p in (s / "tiny").iterdir() if p.name.startswith(".")]  # staging removed
+
+
+def test_a_student_init_inside_the_teacher_follows_the_staged_family(tmp_path, monkeypatch):
+    """configs/shapes64-2step.json starts from models/shapes64/students/3-step: when retraining,
+    that must be the 3-step student just made for the new version, not the old one."""
+    import distill.trainer
+    import flash.models
+    from deploy import retrain as rt
+
+    seen = {}
+    monkeypatch.setattr(distill.trainer, "distill", lambda cfg: seen.setdefault("cfg", cfg) and tmp_path)
+    monkeypatch.setattr(flash.models, "publish_student", lambda folder, family: folder)
+    config = tmp_path / "c.json"
+    for init, want in [("models/shapes64/students/3-step", str(tmp_path / "staging" / "students" / "3-step")),
+                       ("elsewhere/3-step", "elsewhere/3-step")]:  # fmt: skip
+        config.write_text(json.dumps({"teacher": "models/shapes64", "steps": 2, "student_init": init}))
+        seen.clear()
+        rt.distill_into(config, tmp_path / "staging", tmp_path / "work")
+        assert seen["cfg"].student_init == want and seen["cfg"].teacher == str(tmp_path / "staging")
