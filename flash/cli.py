@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -100,7 +101,7 @@ def _cmd_eval(a: argparse.Namespace) -> None:
         from flash.eval.report import write_report
 
         runs = dict(item.split("=", 1) for item in a.runs or [])
-        command = "flash eval " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "flash eval"
+        command = "flash eval " + shlex.join(sys.argv[2:]) if len(sys.argv) > 2 else "flash eval"
         print(f"wrote {write_report(results, Path(a.report), {k: Path(v) for k, v in runs.items()}, command)}")
 
 
