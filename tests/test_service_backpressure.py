@@ -69,10 +69,21 @@ def counter(app, name, reason):
 
 def test_a_full_queue_answers_429_with_retry_after(server, monkeypatch):
     url, app = server
-    Patched(app, 3, monkeypatch).delay = 0.05
-    responses = asyncio.run(post_many(url, [body(seed=i) for i in range(8)]))
+    patched = Patched(app, 3, monkeypatch)
+    patched.delay = 0.05
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=url, timeout=30) as c:
+            first = asyncio.create_task(c.post("/v1/images/generations", json=body(seed=0)))
+            while patched.calls == 0:  # the device holds the first request; the queue (size 1) is empty
+                await asyncio.sleep(0.005)
+            rest = await asyncio.gather(*[c.post("/v1/images/generations", json=body(seed=i)) for i in range(1, 8)])
+            return [await first, *rest]
+
+    responses = asyncio.run(burst())
     codes = [r.status_code for r in responses]
-    assert set(codes) == {200, 429} and codes.count(200) >= 2, codes
+    # the running request and the one queued behind it succeed; the other six find the queue full
+    assert codes[0] == 200 and sorted(codes[1:]) == [200] + [429] * 6, codes
     full = next(r for r in responses if r.status_code == 429)
     assert full.headers["retry-after"] == "1"
     assert full.json()["error"]["code"] == "queue_full" and full.json()["error"]["type"] == "rate_limit_error"
