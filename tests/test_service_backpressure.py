@@ -57,11 +57,6 @@ def body(steps=3, **kw):
     return {"prompt": "a shape", "model": f"flash-{steps}step", "seed": 1, **kw}
 
 
-async def post_many(url, bodies):
-    async with httpx.AsyncClient(base_url=url, timeout=30) as c:
-        return await asyncio.gather(*[c.post("/v1/images/generations", json=b) for b in bodies])
-
-
 def counter(app, name, reason):
     app.state.metrics.flush()
     return app.state.metrics.registry.get_sample_value(name, {"reason": reason}) or 0.0
