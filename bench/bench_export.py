@@ -9,7 +9,8 @@ the ratio from this one run. The ONNX export is <model>/onnx, --onnx-dir, or mad
 into a temporary folder. GPU (skipped with a message where CUDA is absent): PyTorch
 eager fp16 vs torch.compile (and TensorRT where the package is installed) for the
 family's student U-Net and for a random-weight U-Net with Stable Diffusion 1.5's
-configuration (64x64x4 latents, 77 x 768 text), per step and end to end, at --gpu-batch.
+configuration (64x64x4 latents, 77 x 768 text), per step and end to end, at --gpu-batch;
+each compiled model sees one static shape per batch size (its first call is reported).
 Latencies are medians over --repeats after --warmup calls; --json saves every figure.
 """
 
@@ -206,8 +207,17 @@ def gpu_row(label: str, models: dict, encode, decode, latent, schedule, ts, b: i
     return row
 
 
-def unet_call(unet):
-    return lambda x, t, cond: unet(x, t, encoder_hidden_states=cond, return_dict=False)[0]
+def unet_call(unet, mode: str | None = None):
+    """A denoiser of `unet`: eager (mode None) or torch.compile(mode), one static shape per batch size."""
+    if mode is None:
+        return lambda x, t, cond: unet(x, t, encoder_hidden_states=cond, return_dict=False)[0]
+    compiled = torch.compile(unet, mode=mode, dynamic=False)
+
+    def denoise(x, t, cond):
+        torch.compiler.cudagraph_mark_step_begin()  # no-op unless mode uses CUDA graphs
+        return compiled(x, t, encoder_hidden_states=cond, return_dict=False)[0].clone()
+
+    return denoise
 
 
 def trt_call(engine):
@@ -218,8 +228,12 @@ def trt_call(engine):
     return denoise
 
 
+GPU_HEADERS = ["model", "batch", "stage", "variant", "ms", "speed-up vs eager", "first call s"]
+
+
 @torch.no_grad()
 def bench_gpu(family, args) -> list[dict]:
+    """Eager fp16 against each --compile-modes (and TensorRT); a table row is printed as each is measured."""
     if not torch.cuda.is_available():
         print("\nGPU section skipped: CUDA is not available (torch.cuda.is_available() is False)")
         return []
@@ -228,33 +242,40 @@ def bench_gpu(family, args) -> list[dict]:
     schedule = TextToImage(family.teacher).schedule
     steps = args.steps if args.steps in family.students else max(family.students)
     ts = family.students[steps].card.timesteps
-    makers = [("family student", lambda: family_gpu(family, steps, "cuda"))]
-    if not args.no_sd15:
-        makers.append(("SD 1.5 U-Net (random)", lambda: sd15_random("cuda")))
-    results, rows = [], []
-    for label, make in makers:
+    makers = {"family": ("family student", lambda: family_gpu(family, steps, "cuda")),
+              "sd15": ("SD 1.5 U-Net (random)", lambda: sd15_random("cuda"))}  # fmt: skip
+    print(f"\nGPU: {torch.cuda.get_device_name(0)}, torch {torch.__version__}, fp16; medians of {args.repeats}")
+    print(table(GPU_HEADERS, []), flush=True)
+    results = []
+    for key in args.gpu_models:
+        label, make = makers[key]
         encode, unet, decode, latent = make()
         length, dim = encode(1).shape[1:]
-        models = {}
+        models = {"eager": unet_call(unet)}
         if args.tensorrt:
             with tempfile.TemporaryDirectory() as tmp:  # the engine is read into memory: the folder may go
                 engine = trt_unet(unet, latent, length, dim, max(args.gpu_batch), Path(tmp))
-            if engine is not None:
+            if engine is None:
+                print(f"| {label} | - | - | TensorRT | - | - | not installed |", flush=True)
+            else:
                 models["trt"] = trt_call(engine)
-        models = {"eager": unet_call(unet), "compile": unet_call(torch.compile(unet, mode=args.compile_mode)),
-                  **models}  # fmt: skip
+        for mode in args.compile_modes:
+            models[f"compile:{mode}"] = unet_call(unet, mode)
         for b in args.gpu_batch:
             row = gpu_row(label, models, encode, decode, latent, schedule, ts, b, args)
             results.append(row)
+            if args.json:  # kept up to date: a run cut short still leaves its figures
+                Path(args.json).with_suffix(".gpu.json").write_text(json.dumps(results, indent=1))
             for stage in ("unet", "e2e"):
-                base, comp, trt = (row.get(f"{stage}_{n}_s") for n in ("eager", "compile", "trt"))
-                rows.append([label, str(b), "U-Net step" if stage == "unet" else f"end to end, {len(ts)} steps",
-                             ms(base), ms(comp), ms(trt), ratio(base, comp), ratio(base, trt)])  # fmt: skip
+                base = row[f"{stage}_eager_s"]
+                for name in models:
+                    what = "U-Net step" if stage == "unet" else f"end to end, {len(ts)} steps"
+                    first = f"{row[f'first_call_{name}_s']:.1f}" if stage == "unet" else ""
+                    cells = [label, str(b), what, name, ms(row[f"{stage}_{name}_s"]),
+                             ratio(base, row[f"{stage}_{name}_s"]), first]  # fmt: skip
+                    print("| " + " | ".join(cells) + " |", flush=True)
         models.clear()
         torch.cuda.empty_cache()
-    print(f"\nGPU: {torch.cuda.get_device_name(0)}, fp16, torch.compile mode={args.compile_mode}")
-    print(table(["model", "batch", "stage", "eager fp16 ms", "compile ms", "TensorRT ms", "compile speed-up",
-                 "TensorRT speed-up"], rows))  # fmt: skip
     return results
 
 
@@ -278,9 +299,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--cpu-only", action="store_true")
     p.add_argument("--gpu-only", action="store_true")
-    p.add_argument("--no-sd15", action="store_true", help="GPU: skip the SD 1.5-sized U-Net")
+    p.add_argument(
+        "--gpu-models", nargs="+", choices=["family", "sd15"], default=["family", "sd15"],
+        help="GPU: the family's student and/or a random U-Net of SD 1.5's configuration",
+    )  # fmt: skip
     p.add_argument("--no-tensorrt", dest="tensorrt", action="store_false", help="GPU: skip TensorRT")
-    p.add_argument("--compile-mode", default="max-autotune-no-cudagraphs", help="torch.compile mode")
+    p.add_argument(
+        "--compile-modes", nargs="*", default=["default", "reduce-overhead"],
+        help="GPU: torch.compile modes to time against eager (reduce-overhead adds CUDA graphs)",
+    )  # fmt: skip
     p.add_argument("--json", default=None, help="write all figures here")
     args = p.parse_args(argv)
     if args.threads:

@@ -53,14 +53,14 @@ class Models:
 def build_models(cfg: DistillConfig, accelerator) -> Models:
     teacher = load_components(Path(cfg.teacher))
     for m in (teacher.text_encoder, teacher.unet, teacher.vae):
-        m.requires_grad_(False)
-    pipe = TextToImage(teacher)
+        m.requires_grad_(False).to(accelerator.device)
+    pipe = TextToImage(teacher, accelerator.device)
     if cfg.student_init:  # e.g. a 3-step student as the start of the 2- and 1-step ones
         student = init_unet(Path(cfg.student_init), teacher.unet)
     else:  # the paper: the student starts from the teacher
         student = copy.deepcopy(teacher.unet)
-    student.train().requires_grad_(True)
-    ema = EMA(student, cfg.ema_decay)
+    student.train().requires_grad_(True).to(accelerator.device)
+    ema = EMA(student, cfg.ema_decay)  # on the student's device: one fused update per step
     opt = torch.optim.Adam(student.parameters(), lr=cfg.lr, betas=cfg.adam_betas)
     disc = opt_d = None
     if cfg.use_discriminator:
@@ -101,16 +101,17 @@ def distill_step(
     """One Imagine Flash step on a batch of prompts (and real images when available)."""
     pipe, schedule = m.pipe, m.pipe.schedule
     student = accelerator.unwrap_model(m.student)
-    b, n = len(prompts), len(cfg.timesteps)
-    ts = torch.tensor(cfg.timesteps)
+    b, n, dev = len(prompts), len(cfg.timesteps), pipe.device
+    ts = torch.tensor(cfg.timesteps, device=dev)
     cond = pipe.encode(prompts)  # (B, L, D), frozen text encoder
     uncond = pipe.encode([""] * b) if cfg.guidance_scale != 1.0 else None
     real = encode_images(pipe, images, gen) if images is not None else None
 
     # 1. a student step index per item, and pure noise x_T
-    i = torch.randint(0, n, (b,), generator=gen)
+    # (drawn from one CPU generator, then moved: the same draws on every device)
+    i = torch.randint(0, n, (b,), generator=gen).to(dev)
     t = ts[i]
-    x_T = torch.randn((b, *pipe.latent_shape), generator=gen)
+    x_T = torch.randn((b, *pipe.latent_shape), generator=gen).to(dev)
     # 2. backward distillation: the student's own trajectory x_{T->t}, no grad
     #    (forward ablation: x_t noised from real data instead)
     with torch.no_grad():
@@ -123,7 +124,7 @@ def distill_step(
     x0, _ = schedule.split(out, x_t, t)
     # 4. shifted reconstruction loss (eq. 8); srl=False: identity gamma
     gamma = shifted_timestep(t, cfg.gamma) if cfg.srl else t
-    noise = torch.randn(x0.shape, generator=gen)
+    noise = torch.randn(x0.shape, generator=gen).to(dev)
     target = srl_target(
         unet_denoiser(m.teacher.unet), x0, gamma, cond, uncond, schedule, cfg.teacher_steps, cfg.guidance_scale, noise
     )
@@ -133,8 +134,8 @@ def distill_step(
     # 5. adversarial loss: noised real latents vs noised student x0
     if m.disc is not None:
         disc = accelerator.unwrap_model(m.disc)
-        t_d = torch.randint(cfg.disc_t_min, cfg.disc_t_max + 1, (b,), generator=gen)
-        fake_t = schedule.add_noise(x0, torch.randn(x0.shape, generator=gen), t_d)
+        t_d = torch.randint(cfg.disc_t_min, cfg.disc_t_max + 1, (b,), generator=gen).to(dev)
+        fake_t = schedule.add_noise(x0, torch.randn(x0.shape, generator=gen).to(dev), t_d)
         loss_g = hinge_g_loss(disc(fake_t, t_d, cond)).mean()
         loss = loss + cfg.adv_weight * loss_g
         logs["g"] = loss_g.item()
@@ -144,7 +145,7 @@ def distill_step(
         accelerator.clip_grad_norm_(m.student.parameters(), cfg.grad_clip)
     m.opt.step()
     if m.disc is not None:
-        real_t = schedule.add_noise(real, torch.randn(real.shape, generator=gen), t_d)
+        real_t = schedule.add_noise(real, torch.randn(real.shape, generator=gen).to(dev), t_d)
         logits = m.disc(torch.cat([real_t, fake_t.detach()]), torch.cat([t_d, t_d]), torch.cat([cond, cond]))
         loss_d = hinge_d_loss(*logits.chunk(2)).mean()
         m.opt_d.zero_grad(set_to_none=True)

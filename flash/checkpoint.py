@@ -113,8 +113,10 @@ class EMA(torch.nn.Module):
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
-        for s, p in zip(self.shadow, model.parameters(), strict=True):
-            s.lerp_(p.detach(), 1 - self.decay)
+        params = [p.detach() for p in model.parameters()]
+        if len(params) != len(self.shadow):
+            raise ValueError(f"EMA holds {len(self.shadow)} tensors, the model has {len(params)}")
+        torch._foreach_lerp_(list(self.shadow), params, 1 - self.decay)
 
     @torch.no_grad()
     def copy_to(self, model: torch.nn.Module) -> None:

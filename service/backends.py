@@ -15,7 +15,7 @@ Registering a backend: add a factory `(family, settings) -> FamilyBackends` to
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -52,6 +52,7 @@ class FamilyBackends:
     device: torch.device  # where the engine keeps latents
     teacher: Backend
     students: dict[int, Backend]  # by step count
+    warm_batches: list[int] = field(default_factory=list)  # batch sizes warm-up must run (compiled shapes)
 
 
 BackendFactory = Callable[[Family, "Settings"], FamilyBackends]
@@ -66,25 +67,75 @@ def torch_device(name: str) -> torch.device:
     return device
 
 
+def torch_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The `torch_dtype` setting: auto is float16 on CUDA (what the GPU paths are built for), else float32."""
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def batch_buckets(largest: int) -> list[int]:
+    """Powers of two up to `largest` (itself included): the batch shapes a compiled U-Net sees."""
+    sizes = [1 << k for k in range(largest.bit_length()) if 1 << k < largest]
+    return [*sizes, largest]
+
+
+def padded_to_buckets(denoise: Callable[[Tensor, Tensor, Tensor], Tensor], buckets: Sequence[int]):
+    """`denoise` with the batch padded up to the next bucket (repeating the last item) and cut back.
+
+    A compiled or graph-captured U-Net then meets a handful of static shapes instead of one per
+    batch size. Items never mix in a U-Net, so padding changes no real item's output. Batches
+    above the largest bucket pass through unpadded.
+    """
+
+    def call(x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+        b = x.shape[0]
+        n = next((k for k in buckets if k >= b), b)
+        if n == b:
+            return denoise(x, t, cond)
+        idx = torch.cat([torch.arange(b, device=x.device), torch.full((n - b,), b - 1, device=x.device)])
+        return denoise(x[idx], t[idx], cond[idx])[:b]
+
+    return call
+
+
 def torch_backends(family: Family, settings: Settings) -> FamilyBackends:
-    """Eager PyTorch on `settings.device`, through the project's TextToImage helpers."""
+    """PyTorch on `settings.device`, through the project's TextToImage helpers.
+
+    `torch_dtype` sets the precision; `torch_compile` compiles each U-Net (mode
+    reduce-overhead: with CUDA graphs), its batches padded to `warm_batches` buckets,
+    which the engine's warm-up runs once each on the device thread.
+    """
     device = torch_device(settings.device)
+    dtype = torch_dtype(getattr(settings, "torch_dtype", "auto"), device)
+    mode = getattr(settings, "torch_compile", "off")
     c = family.teacher
     for module in (c.text_encoder, c.vae, c.unet, *(s.unet for s in family.students.values())):
-        module.to(device)
+        module.to(device, dtype)
     t2i = TextToImage(c, device)
+    # the teacher's classifier-free guidance runs both branches in one call: twice the batch
+    buckets = batch_buckets(2 * getattr(settings, "max_batch_size", 16))
 
     def for_unet(unet) -> TorchBackend:
-        denoiser, dtype = unet_denoiser(unet), unet.dtype
+        denoiser = unet_denoiser(unet)
+        if mode != "off":
+            denoiser = padded_to_buckets(unet_denoiser(torch.compile(unet, mode=mode, dynamic=False)), buckets)
 
         @torch.no_grad()
         def denoise(x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
-            return denoiser(x.to(dtype), t, cond.to(dtype)).float()
+            if mode == "off":
+                return denoiser(x.to(dtype), t, cond.to(dtype)).float()
+            torch.compiler.cudagraph_mark_step_begin()  # a new inference step (CUDA graph trees)
+            # a copy: a graph's output buffer is overwritten by its next replay
+            return denoiser(x.to(dtype), t, cond.to(dtype)).to(torch.float32, copy=True)
 
         return TorchBackend(encode=lambda p: t2i.encode(p).float(), denoise=denoise, decode=t2i.decode)
 
     students = {steps: for_unet(s.unet) for steps, s in family.students.items()}
-    return FamilyBackends("torch", device, for_unet(c.unet), students)
+    backends = FamilyBackends("torch", device, for_unet(c.unet), students)
+    if mode != "off":
+        backends.warm_batches = buckets
+    return backends
 
 
 # The registration point: name -> factory. export/ adds "onnxruntime" and "tensorrt".

@@ -85,6 +85,7 @@ class ModelSet:
     teacher_schedule_config: dict
     students: dict[int, StudentPlan]
     uncond: Tensor | None = None  # encode([""]), computed on the device thread
+    warm_batches: list[int] = field(default_factory=list)  # compiled batch shapes warm-up runs
 
     def noise(self, seeds: Sequence[int]) -> Tensor:
         return initial_noise(seeds, self.latent_shape, torch.float32, self.device)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -94,6 +94,14 @@ class Settings(BaseSettings):
     )
     ort_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0: its default).")
     trt_cuda_graphs: bool = Field(False, description="Capture CUDA graphs per batch-size bucket (tensorrt).")
+    torch_dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="Weights and activations of the torch backend; auto is float16 on cuda, else float32."
+    )
+    torch_compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = Field(
+        "off",
+        description="torch.compile mode for the torch backend's U-Nets (reduce-overhead adds CUDA graphs); "
+        "batches are padded to power-of-two buckets so each compiles once, during warm-up.",
+    )
     warmup: bool = Field(True, description="Run every model once before reporting ready.")
     log_level: str = Field("info", description="uvicorn log level: critical, error, warning, info, debug.")
 

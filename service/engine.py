@@ -66,6 +66,7 @@ def load_model_set(settings: Settings, model_dir: Path) -> ModelSet:
         teacher=backends.teacher,
         teacher_schedule_config=dict(family.teacher.scheduler_config),
         students=students,
+        warm_batches=backends.warm_batches,
     )
 
 
@@ -80,6 +81,22 @@ def warmup(models: ModelSet, max_batch_size: int) -> None:
         batcher.run_once(models)
     for job in jobs:
         job.future.result(timeout=0)
+    compile_buckets(models, max_batch_size)
+
+
+@torch.no_grad()
+def compile_buckets(models: ModelSet, max_batch_size: int) -> None:
+    """One U-Net call per compiled batch bucket (students up to max_batch_size; the teacher's
+    guided calls are twice as large), so no request waits for torch.compile."""
+    if not models.warm_batches:
+        return
+    cond1 = models.teacher.encode([""])
+    plans = [(p.backend, max_batch_size) for p in models.students.values()]
+    for backend, largest in [*plans, (models.teacher, 2 * max_batch_size)]:
+        for n in (k for k in models.warm_batches if k <= largest):
+            x = torch.zeros(n, *models.latent_shape, device=models.device)
+            t = torch.full((n,), 999, device=models.device, dtype=torch.long)
+            backend.denoise(x, t, cond1.repeat(n, 1, 1))
 
 
 async def in_own_thread(fn: Callable, *args, name: str = "flash-loader"):

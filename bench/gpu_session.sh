@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Every GPU check of this project as one script with a time cap per stage, for a GPU that is
+# lent for minutes (see docs/export.md, "What has run where"):
+#
+#   bash bench/gpu_session.sh OUT_DIR [TRAIN_MINUTES]
+#
+# 1. the environment: GPU, torch, whether tensorrt / onnxruntime's CUDA provider exist
+# 2. bench/bench_export.py --gpu-only: eager fp16 vs torch.compile, family student and SD 1.5
+#    (first, alone on the GPU)
+# 3. with TRAIN_MINUTES > 0: three students train side by side on the GPU, in the background
+#    (configs/gpu/: all start from the shipped 3-step student), into runs/gpu-shapes64-<n>step
+# 4. meanwhile pytest -m gpu: the torch backend in fp16 and with torch.compile + CUDA graphs, the
+#    service on CUDA, distillation on CUDA, and the TensorRT tests (which skip without tensorrt)
+# Logs and the students are packed into OUT_DIR (logs.tgz, student-<n>.tgz).
+set -u
+out=${1:?usage: bench/gpu_session.sh OUT_DIR [TRAIN_MINUTES]}
+train=${2:-0}
+py=${PYTHON:-python3}
+mkdir -p "$out/logs"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"
+
+stage() {  # stage NAME CAP_SECONDS COMMAND...: run with a cap, log to OUT_DIR/logs/NAME.log, show its tail
+    local name=$1 cap=$2 t0=$SECONDS rc
+    shift 2
+    echo "== $name (cap ${cap}s)"
+    timeout -k 10 "$cap" "$@" >"$out/logs/$name.log" 2>&1
+    rc=$?
+    echo "   exit $rc after $((SECONDS - t0)) s"
+    grep -v -e "should be kept in float32" -e "Loading weights" "$out/logs/$name.log" | tail -n "${TAIL:-25}"
+}
+
+stage env 60 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; $py - <<'EOF'
+import importlib, torch
+print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available())
+if torch.cuda.is_available():
+    print('gpu', torch.cuda.get_device_name(0), 'capability', torch.cuda.get_device_capability(0))
+for name in ('diffusers', 'transformers', 'fastapi', 'onnx', 'onnxruntime', 'tensorrt'):
+    try:
+        print(name, importlib.import_module(name).__version__)
+    except Exception as e:
+        print(name, 'MISSING:', type(e).__name__, e)
+try:
+    import onnxruntime as ort
+    print('onnxruntime providers', ort.get_available_providers())
+except Exception:
+    pass
+EOF"
+
+# timings first, on a quiet GPU
+TAIL=40 stage bench-export-gpu 150 "$py" bench/bench_export.py --gpu-only --gpu-batch 1 4 16 \
+    --compile-modes reduce-overhead --repeats 20 --json "$out/logs/bench_export.json"
+
+# then training in the background while the correctness tests share the GPU
+pids=()
+if awk "BEGIN { exit !($train > 0) }"; then
+    echo "== train: three students side by side for $train min (in the background)"
+    for n in 3 2 1; do
+        OMP_NUM_THREADS=4 timeout -k 20 "$(awk "BEGIN { print int($train * 60 + 90) }")" \
+            "$py" -m flash.cli distill --config "configs/gpu/shapes64-${n}step.json" --minutes "$train" \
+            >"$out/logs/train-${n}step.log" 2>&1 &
+        pids+=($!)
+    done
+fi
+
+TAIL=40 stage pytest-gpu 240 "$py" -m pytest -m gpu -p no:cacheprovider -rs -s -q \
+    tests/test_gpu_torch.py tests/test_export_gpu.py
+
+for i in "${!pids[@]}"; do
+    wait "${pids[$i]}"
+    echo "   student $((3 - i)): exit $?"
+done
+for n in 3 2 1; do
+    run=runs/gpu-shapes64-${n}step
+    [ -d "$run" ] || continue
+    tail -n 2 "$run/loss.jsonl" 2>/dev/null
+    "$py" -c "import json, sys; c = json.load(open(sys.argv[1])); print(c['distill']['trained_steps'], 'steps', c['eval'])" \
+        "$run/student/flash.json" 2>/dev/null
+    [ -d "$run/student" ] && tar czf "$out/student-${n}.tgz" -C "$run" student
+    mkdir -p "$out/logs/run-${n}step"
+    cp -r "$run/loss.jsonl" "$run/config.json" "$run/samples" "$out/logs/run-${n}step/" 2>/dev/null
+done
+
+tar czf "$out/logs.tgz" -C "$out" logs && rm -rf "$out/logs"
+ls -la "$out"

@@ -1,0 +1,106 @@
+"""The CUDA paths that need no TensorRT: the torch backend in fp16 (eager and torch.compile
+with CUDA graphs), the service on a GPU, and distillation on a GPU.
+
+Run with `pytest -m gpu tests/test_gpu_torch.py`; every test skips where CUDA is absent.
+Each prints the figures it asserts on, so a run's log records what the GPU gave.
+"""
+
+import base64
+import dataclasses
+import io
+import json
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: torch.cuda.is_available() is False"),
+]
+
+FAMILY = Path(__file__).resolve().parents[1] / "models" / "shapes64"
+PROMPTS = ["a red circle", "a small blue square", "a green triangle left of a yellow circle", "a large cyan square",
+           "a magenta circle above a red triangle", "a yellow triangle", "a blue circle right of a green square",
+           "a small red triangle"]  # fmt: skip
+
+
+def png(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
+
+
+def pixel_diff(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.abs(a.astype(int) - b.astype(int))
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3])
+def test_fp16_cuda_images_match_cpu_fp32(steps):
+    """The shipped students in fp16 on the GPU against float32 on the CPU, same seeds."""
+    from flash.models import load_family
+    from flash.pipeline import TextToImage
+    from flash.sampling import run_student
+    from service.backends import torch_backends
+    from service.config import Settings
+
+    seeds = list(range(len(PROMPTS)))
+    ref_family = load_family(FAMILY)
+    if steps not in ref_family.students:
+        pytest.skip(f"no {steps}-step student in {FAMILY}")
+    s = ref_family.students[steps]
+    t2i = TextToImage(ref_family.teacher)
+    want = t2i.decode(t2i.student_latents(s.unet, PROMPTS, seeds, s.card.timesteps, s.card.noise_correction))
+
+    gpu = torch_backends(load_family(FAMILY), Settings(model_dir=FAMILY, device="cuda"))
+    assert gpu.device.type == "cuda" and gpu.teacher is not None
+    b = gpu.students[steps]
+    x_T = t2i.noise(seeds).cuda()
+    lat = run_student(b.denoise, x_T, b.encode(PROMPTS), t2i.schedule, s.card.timesteps,
+                      noise_correction=s.card.noise_correction)  # fmt: skip
+    got = b.decode(lat)
+    d = pixel_diff(got, want)
+    print(f"\n{steps}-step fp16 cuda vs fp32 cpu: mean {d.mean():.3f}/255, p99 {np.percentile(d, 99):.0f}, max {d.max()}")
+    assert got.shape == want.shape
+    assert d.mean() <= 1.0 and np.percentile(d, 99) <= 8
+
+
+def test_compiled_with_cuda_graphs_matches_eager_through_the_service(tmp_path):
+    """FLASH_TORCH_COMPILE=reduce-overhead on a GPU: same images as eager fp16, every bucket warmed."""
+    from service.config import Settings
+    from service.testing import serve_in_thread
+
+    def generate(**kw) -> tuple[list[str], dict]:
+        settings = Settings(model_dir=FAMILY, device="cuda", max_batch_size=2, max_wait_ms=20,
+                            log_level="warning", **kw)  # fmt: skip
+        with serve_in_thread(settings) as (url, srv):
+            body = {"prompt": "a red circle above a blue square", "n": 3, "seed": 7, "model": "flash-3step"}
+            r = httpx.post(f"{url}/v1/images/generations", json=body, timeout=600)
+            assert r.status_code == 200, r.text
+            return [d["b64_json"] for d in r.json()["data"]], srv.config.app.state.engine.models.warm_batches
+
+    eager, warm_eager = generate()
+    compiled, warm_compiled = generate(torch_compile="reduce-overhead")
+    assert warm_eager == [] and warm_compiled == [1, 2, 4]
+    diffs = [pixel_diff(png(a), png(b)) for a, b in zip(eager, compiled, strict=True)]
+    print(f"\ncompiled+CUDA graphs vs eager fp16: max {max(d.max() for d in diffs)}/255")
+    assert max(d.max() for d in diffs) <= 4
+
+
+def test_distillation_runs_on_the_gpu(tmp_path):
+    from distill import trainer
+    from distill.config import DistillConfig
+    from flash.models import load_student
+    from flash.tiny import write_tiny_family
+
+    fam = write_tiny_family(tmp_path / "tiny")
+    cfg = DistillConfig(teacher=str(fam), out=str(tmp_path / "run"), steps=3, batch_size=4, teacher_steps=2,
+                        lr=1e-3, max_steps=3, eval_prompts=4, sample_every=3, checkpoint_every=2, log_every=1)  # fmt: skip
+    folder = trainer.distill(cfg, progress=False)
+    s = load_student(folder)
+    assert s.card.distill["trained_steps"] == 3 and (tmp_path / "run" / "samples" / "step000003.png").is_file()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "loss.jsonl").read_text().splitlines()]
+    assert rows and all(np.isfinite(v) for r in rows for k, v in r.items() if k in ("rec", "g", "d"))
+    resumed = trainer.distill(dataclasses.replace(cfg, max_steps=4), progress=False)
+    assert load_student(resumed).card.distill["trained_steps"] == 4
