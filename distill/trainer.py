@@ -157,6 +157,11 @@ def distill_step(
     return logs
 
 
+def device_name(device: torch.device) -> str:
+    """What trained a student, for its card: the GPU's name, or the CPU."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
 def ema_student(m: Models, accelerator) -> torch.nn.Module:
     unet = copy.deepcopy(accelerator.unwrap_model(m.student)).eval().requires_grad_(False)
     m.ema.copy_to(unet)
@@ -251,7 +256,8 @@ def distill(cfg: DistillConfig, progress: bool = True) -> Path:
             prediction_type=m.pipe.schedule.prediction_type,
             teacher=str(Path(cfg.teacher).resolve()),
             teacher_sha256=folder_sha256(Path(cfg.teacher) / "unet"),
-            distill={**cfg.to_dict(), "trained_steps": step + 1, "minutes": round((time.time() - start) / 60, 2)},
+            distill={**cfg.to_dict(), "trained_steps": step + 1, "minutes": round((time.time() - start) / 60, 2),
+                     "device": device_name(accelerator.device), "processes": accelerator.num_processes},  # fmt: skip
             eval=figures,
         )
         save_student(unet, card, folder, m.teacher.scheduler_config, dtype=getattr(torch, cfg.save_dtype))

@@ -129,6 +129,7 @@ def test_distill_loop_checkpoints_resumes_and_writes_a_student(family, tmp_path)
     assert (tmp_path / "run" / "samples" / "step000002.png").is_file()
     s = load_student(folder)
     assert s.card.steps == 3 and s.card.timesteps == [999, 750, 500] and s.card.distill["trained_steps"] == 2
+    assert s.card.distill["device"] == "cpu" and s.card.distill["processes"] == 1
     resumed = trainer.distill(_cfg(family, tmp_path, max_steps=3), progress=False)
     assert load_student(resumed).card.distill["trained_steps"] == 3
 

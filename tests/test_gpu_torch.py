@@ -100,6 +100,7 @@ def test_distillation_runs_on_the_gpu(tmp_path):
     folder = trainer.distill(cfg, progress=False)
     s = load_student(folder)
     assert s.card.distill["trained_steps"] == 3 and (tmp_path / "run" / "samples" / "step000003.png").is_file()
+    assert s.card.distill["device"] == torch.cuda.get_device_name(0)
     rows = [json.loads(line) for line in (tmp_path / "run" / "loss.jsonl").read_text().splitlines()]
     assert rows and all(np.isfinite(v) for r in rows for k, v in r.items() if k in ("rec", "g", "d"))
     resumed = trainer.distill(dataclasses.replace(cfg, max_steps=4), progress=False)
