@@ -134,8 +134,10 @@ def main(argv: list[str] | None = None) -> dict:
         http_latencies(url, 2)  # warm the connection path
         http_p50 = statistics.median(http_latencies(url, n))
         teacher_p50 = statistics.median(http_latencies(url, args.teacher_requests, model="teacher", steps=25))
+        http_throughput(url, 2 * k, k)  # warm up like the in-process side: connections, batch shapes
         batched = http_throughput(url, n, k)
     with server(model, max_batch_size=1) as url:
+        http_throughput(url, 2 * k, k)
         unbatched = http_throughput(url, n, k)
     local = in_process(model, n, n, k)
 

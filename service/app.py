@@ -177,7 +177,8 @@ def create_app(settings: Settings, seed_source: Callable[[], int] | None = None)
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return error_response(500, "internal server error", "server_error", "internal_error")
 
-    def require_api_key(request: Request) -> None:
+    # async: a plain `def` dependency costs every request a hop to the thread pool and back
+    async def require_api_key(request: Request) -> None:
         """Authenticate, then spend one token of the caller's bucket (when rate limits are on)."""
         keys = [k.get_secret_value() for k in settings.api_keys]
         caller = None
@@ -192,7 +193,7 @@ def create_app(settings: Settings, seed_source: Callable[[], int] | None = None)
             if wait > 0:
                 raise rate_limited(wait)
 
-    def require_admin(request: Request) -> None:
+    async def require_admin(request: Request) -> None:
         if settings.admin_token is None:
             raise errors.AdminDisabled("admin endpoints are disabled; set FLASH_ADMIN_TOKEN to enable them")
         if matching_bearer(request, [settings.admin_token.get_secret_value()]) is None:

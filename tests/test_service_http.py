@@ -275,3 +275,22 @@ def test_live_and_ready_once_serving(server):
     url, _ = server
     assert httpx.get(f"{url}/health/live", timeout=10).json() == {"status": "live"}
     assert httpx.get(f"{url}/health/ready", timeout=10).json() == {"status": "ready", "version": "tiny-0"}
+
+
+def test_the_hot_path_stays_on_the_event_loop_and_runs_in_inference_mode(server, monkeypatch):
+    import fastapi.dependencies.utils as fastapi_deps
+    import torch
+
+    url, app = server
+    # FastAPI runs a plain `def` dependency through run_in_threadpool: a hop to a worker
+    # thread and back on every request. The /v1 dependencies are async and never hop.
+    hops, to_thread = [], fastapi_deps.run_in_threadpool
+    monkeypatch.setattr(fastapi_deps, "run_in_threadpool", lambda f, *a, **k: hops.append(f) or to_thread(f, *a, **k))
+    backend = app.state.engine.models.students[3].backend
+    seen, fast = [], backend.denoise
+    monkeypatch.setattr(
+        backend, "denoise", lambda x, t, c: seen.append(torch.is_inference_mode_enabled()) or fast(x, t, c)
+    )
+    assert post(url, {"prompt": "a red circle", "model": "flash-3step"}).status_code == 200
+    assert hops == []
+    assert seen and all(seen)  # the device thread runs in inference mode
