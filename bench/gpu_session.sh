@@ -12,6 +12,11 @@
 # 4. meanwhile pytest -m gpu: the torch backend in fp16 and with torch.compile + CUDA graphs, the
 #    service on CUDA, distillation on CUDA, and the TensorRT tests (which skip without tensorrt)
 # Logs and the students are packed into OUT_DIR (logs.tgz, student-<n>.tgz).
+#
+# The GPU image seen on 2026-11-26 (torch 2.11.0+cu130) lacked diffusers, fastapi, starlette,
+# uvicorn, pydantic(-core, -settings), python-dotenv, annotated-types, typing-inspection,
+# importlib-metadata and opentelemetry-api (fastapi >= 0.165 imports it); install them first,
+# e.g. from carried wheels into a folder on PYTHONPATH. Its transformers 5.17 worked as is.
 set -u
 out=${1:?usage: bench/gpu_session.sh OUT_DIR [TRAIN_MINUTES]}
 train=${2:-0}

@@ -9,7 +9,7 @@ encoder and VAE). Tensors in and out are float32 torch tensors on `device`; a ba
 converts to whatever it runs internally. All sampling math stays in `flash.sampling`.
 
 Registering a backend: add a factory `(family, settings) -> FamilyBackends` to
-`BACKENDS` (ONNX Runtime and TensorRT arrive with the export issue).
+`BACKENDS` (export/ registers ONNX Runtime and TensorRT this way).
 """
 
 from __future__ import annotations
