@@ -85,6 +85,8 @@ def _cmd_eval(a: argparse.Namespace) -> None:
     from flash.eval.run import default_rows, evaluate_rows, extra_student_rows, results_table
 
     family = Path(a.model_dir)
+    if a.update_card and a.rows:
+        raise CliError("--update-card writes every shipped row: leave out --rows")
     rows = default_rows(family, noise_correction_off=a.noise_correction_off)
     if a.rows:
         rows = [r for r in rows if any(key in r.name for key in a.rows)]
@@ -97,11 +99,18 @@ def _cmd_eval(a: argparse.Namespace) -> None:
         data = [{"row": r.row.__dict__, "metrics": r.metrics, "seconds_per_image": r.seconds_per_image} for r in results]
         Path(a.json).write_text(json.dumps(data, indent=1))
         print(f"wrote {a.json}")
+    command = "flash eval " + shlex.join(sys.argv[2:]) if len(sys.argv) > 2 else "flash eval"
+    if a.update_card:
+        from flash.eval.run import card_figures
+        from flash.models import CARD, FamilyCard, write_card
+
+        card = FamilyCard.model_validate_json((family / CARD).read_text())
+        write_card(family, card.model_copy(update={"eval": card_figures(results, command)}))
+        print(f"wrote the figures into {family / CARD}")
     if a.report:
         from flash.eval.report import write_report
 
         runs = dict(item.split("=", 1) for item in a.runs or [])
-        command = "flash eval " + shlex.join(sys.argv[2:]) if len(sys.argv) > 2 else "flash eval"
         print(f"wrote {write_report(results, Path(a.report), {k: Path(v) for k, v in runs.items()}, command)}")
 
 
@@ -168,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--noise-correction-off", action="store_true",
                    help="also evaluate every student with noise correction switched off (Fig. 12)")
     e.add_argument("--json", default=None, help="write the figures here")
+    e.add_argument("--update-card", action="store_true",
+                   help="write the shipped rows' figures into the family's flash.json (its `eval`)")
     e.add_argument("--report", default=None, help="write the evaluation section, grid and plots into this markdown "
                    "file (e.g. docs/results.md), keeping the rest of it")
     e.add_argument("--runs", nargs="*", metavar="NAME=DIR", help="run folders whose loss.jsonl to plot in the report")

@@ -1,6 +1,7 @@
 """The `flash` command line: help with examples, generation, evaluation, one-line errors."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -51,7 +52,6 @@ def test_errors_are_one_line_and_nonzero(tmp_path):
 
 def test_missing_student_is_explained(tmp_path):
     fam = write_tiny_family(tmp_path / "fam")
-    import shutil
 
     shutil.rmtree(fam / "students" / "1-step")
     r = flash("generate", "a red circle", "--model", "flash", "--steps", "1", "--model-dir", str(fam),
@@ -80,6 +80,20 @@ def test_eval_writes_table_and_json(family64, tmp_path):
     for name in ("grid.png", "steps.png", "losses.png"):
         assert (tmp_path / "img" / name).stat().st_size > 1000
     assert Image.open(tmp_path / "img" / "grid.png").size[1] > 2 * 64  # two rows of images
+
+
+def test_eval_writes_the_shipped_rows_into_the_family_card(family64, tmp_path):
+    fam = shutil.copytree(family64, tmp_path / "fam")
+    r = flash("eval", str(fam), "--n", "4", "--batch", "4", "--rows", "3-step", "--update-card")
+    assert r.returncode == 2 and "leave out --rows" in r.stderr
+    r = flash("eval", str(fam), "--n", "4", "--batch", "4", "--noise-correction-off", "--update-card",
+              "--student", f"no SRL={fam / 'students' / '2-step'}")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    figures = json.loads((fam / "flash.json").read_text())["eval"]
+    assert set(figures) == {"teacher, 25 DPM-Solver++ steps, CFG", "teacher, 3 DDIM steps, CFG",
+                            "Imagine Flash, 3-step", "Imagine Flash, 2-step", "Imagine Flash, 1-step", "command"}  # fmt: skip
+    assert figures["Imagine Flash, 1-step"]["n"] == 4 and figures["Imagine Flash, 1-step"]["seconds_per_image"] > 0
+    assert figures["command"].startswith("flash eval ") and "--update-card" in figures["command"]
 
 
 def test_distill_publishes_a_student_into_the_family(tmp_path):

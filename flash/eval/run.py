@@ -103,6 +103,17 @@ def extra_student_rows(specs: list[str]) -> list[Row]:
     return rows
 
 
+def card_figures(results: list[RowResult], command: str) -> dict:
+    """The family card's `eval`: the shipped rows (teacher and its own students, noise
+    correction as trained), each row's metrics and seconds per image, and the command."""
+    rows = {
+        r.row.name: {**r.metrics, "seconds_per_image": r.seconds_per_image}
+        for r in results
+        if not r.row.ablation and r.row.noise_correction is None
+    }
+    return {**rows, "command": command}
+
+
 def results_table(results: list[RowResult]) -> str:
     """Markdown table of the paper's Table 1 columns."""
     head = "| model | steps | FD-rand | color | shape | size | spatial | overall | vividness | ms / image |"
