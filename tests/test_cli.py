@@ -52,7 +52,6 @@ def test_errors_are_one_line_and_nonzero(tmp_path):
 
 def test_missing_student_is_explained(tmp_path):
     fam = write_tiny_family(tmp_path / "fam")
-
     shutil.rmtree(fam / "students" / "1-step")
     r = flash("generate", "a red circle", "--model", "flash", "--steps", "1", "--model-dir", str(fam),
               "--out", str(tmp_path / "x.png"))
