@@ -39,6 +39,7 @@ from export.onnx import (
     student_model_name,
     write_manifest,
 )
+from service.backends import batch_buckets  # the torch backend's compiled shapes: the same buckets
 
 ENGINE_FORMAT = "imagine-flash/tensorrt-engines"
 ENGINE_SUFFIX = ".plan"
@@ -267,15 +268,6 @@ def _torch_dtype(trt, dt) -> torch.dtype:
     if dt not in table:
         raise TensorRTError(f"engine tensor dtype {dt} has no torch equivalent")
     return table[dt]
-
-
-def batch_buckets(max_batch: int) -> list[int]:
-    """Batch sizes that get their own CUDA graph: powers of two below max_batch, and max_batch."""
-    out, b = [], 1
-    while b < max_batch:
-        out.append(b)
-        b *= 2
-    return [*out, max_batch]
 
 
 class Engine:
