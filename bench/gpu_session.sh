@@ -2,24 +2,28 @@
 # Every GPU check of this project as one script with a time cap per stage, for a GPU that is
 # lent for minutes (see docs/export.md, "What has run where"):
 #
-#   bash bench/gpu_session.sh OUT_DIR [TRAIN_MINUTES]
+#   bash bench/gpu_session.sh OUT_DIR [TRAIN_MINUTES [CONFIG...]]
 #
 # 1. the environment: GPU, torch, whether tensorrt / onnxruntime's CUDA provider exist
 # 2. bench/bench_export.py --gpu-only: eager fp16 vs torch.compile, family student and SD 1.5
-#    (first, alone on the GPU)
-# 3. with TRAIN_MINUTES > 0: three students train side by side on the GPU, in the background
-#    (configs/gpu/: all start from the shipped 3-step student), into runs/gpu-shapes64-<n>step
-# 4. meanwhile pytest -m gpu: the torch backend in fp16 and with torch.compile + CUDA graphs, the
-#    service on CUDA, distillation on CUDA, and the TensorRT tests (which skip without tensorrt)
-# Logs and the students are packed into OUT_DIR (logs.tgz, student-<n>.tgz).
+#    (first, alone on the GPU; BENCH=0 skips it)
+# 3. with TRAIN_MINUTES > 0: the distill configs (default configs/gpu/shapes64-{3,2,1}step.json)
+#    train side by side on the GPU, in the background, each into the "out" its config names
+# 4. meanwhile pytest -m gpu on $GPU_TESTS (default: the torch backend in fp16 and with
+#    torch.compile + CUDA graphs, the service on CUDA, distillation on CUDA, and the TensorRT
+#    tests, which skip without tensorrt)
+# Logs and the students are packed into OUT_DIR (logs.tgz, student-<config name>.tgz).
 #
 # The GPU image seen on 2026-11-26 (torch 2.11.0+cu130) lacked diffusers, fastapi, starlette,
 # uvicorn, pydantic(-core, -settings), python-dotenv, annotated-types, typing-inspection,
 # importlib-metadata and opentelemetry-api (fastapi >= 0.165 imports it); install them first,
 # e.g. from carried wheels into a folder on PYTHONPATH. Its transformers 5.17 worked as is.
 set -u
-out=${1:?usage: bench/gpu_session.sh OUT_DIR [TRAIN_MINUTES]}
+out=${1:?usage: bench/gpu_session.sh OUT_DIR [TRAIN_MINUTES [CONFIG...]]}
 train=${2:-0}
+shift $(($# < 2 ? $# : 2))
+configs=("$@")
+[ ${#configs[@]} -gt 0 ] || configs=(configs/gpu/shapes64-3step.json configs/gpu/shapes64-2step.json configs/gpu/shapes64-1step.json)
 py=${PYTHON:-python3}
 mkdir -p "$out/logs"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"
@@ -52,37 +56,38 @@ except Exception:
 EOF"
 
 # timings first, on a quiet GPU
-TAIL=40 stage bench-export-gpu 150 "$py" bench/bench_export.py --gpu-only --gpu-batch 1 4 16 \
+[ "${BENCH:-1}" = 0 ] || TAIL=40 stage bench-export-gpu 150 "$py" bench/bench_export.py --gpu-only --gpu-batch 1 4 16 \
     --compile-modes reduce-overhead --repeats 20 --json "$out/logs/bench_export.json"
 
 # then training in the background while the correctness tests share the GPU
 pids=()
 if awk "BEGIN { exit !($train > 0) }"; then
-    echo "== train: three students side by side for $train min (in the background)"
-    for n in 3 2 1; do
-        OMP_NUM_THREADS=4 timeout -k 20 "$(awk "BEGIN { print int($train * 60 + 90) }")" \
-            "$py" -m flash.cli distill --config "configs/gpu/shapes64-${n}step.json" --minutes "$train" \
-            >"$out/logs/train-${n}step.log" 2>&1 &
+    echo "== train: ${configs[*]} side by side for $train min (in the background)"
+    for c in "${configs[@]}"; do
+        OMP_NUM_THREADS=4 timeout -k 20 "$(awk "BEGIN { print int($train * 60 + 150) }")" \
+            "$py" -m flash.cli distill --config "$c" --minutes "$train" \
+            >"$out/logs/train-$(basename "$c" .json).log" 2>&1 &
         pids+=($!)
     done
 fi
 
-TAIL=40 stage pytest-gpu 240 "$py" -m pytest -m gpu -p no:cacheprovider -rs -s -q \
-    tests/test_gpu_torch.py tests/test_export_gpu.py
+TAIL=40 stage pytest-gpu 300 "$py" -m pytest -m gpu -p no:cacheprovider -rs -s -q \
+    ${GPU_TESTS:-tests/test_gpu_torch.py tests/test_export_gpu.py}
 
 for i in "${!pids[@]}"; do
     wait "${pids[$i]}"
-    echo "   student $((3 - i)): exit $?"
+    echo "   ${configs[$i]}: exit $?"
 done
-for n in 3 2 1; do
-    run=runs/gpu-shapes64-${n}step
+for c in "${configs[@]}"; do
+    name=$(basename "$c" .json)
+    run=$("$py" -c "import json, sys; print(json.load(open(sys.argv[1]))['out'])" "$c")
     [ -d "$run" ] || continue
     tail -n 2 "$run/loss.jsonl" 2>/dev/null
     "$py" -c "import json, sys; c = json.load(open(sys.argv[1])); print(c['distill']['trained_steps'], 'steps', c['eval'])" \
         "$run/student/flash.json" 2>/dev/null
-    [ -d "$run/student" ] && tar czf "$out/student-${n}.tgz" -C "$run" student
-    mkdir -p "$out/logs/run-${n}step"
-    cp -r "$run/loss.jsonl" "$run/config.json" "$run/samples" "$out/logs/run-${n}step/" 2>/dev/null
+    [ -d "$run/student" ] && tar czf "$out/student-$name.tgz" -C "$run" student
+    mkdir -p "$out/logs/run-$name"
+    cp -r "$run/loss.jsonl" "$run/config.json" "$run/samples" "$out/logs/run-$name/" 2>/dev/null
 done
 
 tar czf "$out/logs.tgz" -C "$out" logs && rm -rf "$out/logs"

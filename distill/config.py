@@ -16,6 +16,8 @@ from flash.scheduler import DEFAULT_TIMESTEPS
 
 PROMPT_SOURCES = ("shapes", "file")
 SAVE_DTYPES = ("float32", "float16", "bfloat16")
+SRL_NOISES = ("fresh", "x_T")
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 
 
 @dataclass
@@ -39,6 +41,10 @@ class DistillConfig:
     srl: bool = True  # False: identity gamma (re-noise to t itself)
     noise_correction: bool = True
     gamma: list[list[int]] = field(default_factory=lambda: [[900, 990], [500, 950], [-1, 200]])
+    # the noise that re-noises the student's x0 to gamma(t): "fresh" (the paper) or "x_T", the
+    # trajectory's own starting noise (not in the paper): the target becomes a deterministic
+    # function of x_T, the teacher's own sample from (nearly) that noise when gamma(t) ~ T
+    srl_noise: str = "fresh"
     teacher_steps: int = 8  # k
     guidance_scale: float = 5.0  # teacher CFG for the SRL target
 
@@ -61,6 +67,9 @@ class DistillConfig:
     checkpoint_every: int = 100
     sample_every: int = 250
     log_every: int = 10
+    # torch.compile mode for the frozen teacher's U-Net (the k guided calls of each SRL target,
+    # about half of a step's U-Net calls): "reduce-overhead" captures CUDA graphs on a GPU
+    compile_teacher: str = "off"
     eval_prompts: int = 200  # evaluated at the end with the shapes-64 judge (shapes prompts only)
 
     def __post_init__(self) -> None:
@@ -85,6 +94,10 @@ class DistillConfig:
                 raise ValueError(f"gamma value {g} out of range [0, 999] in {self.gamma}")
         if self.save_dtype not in SAVE_DTYPES:
             raise ValueError(f"unknown save_dtype {self.save_dtype!r}; allowed: {', '.join(SAVE_DTYPES)}")
+        if self.srl_noise not in SRL_NOISES:
+            raise ValueError(f"unknown srl_noise {self.srl_noise!r}; allowed: {', '.join(SRL_NOISES)}")
+        if self.compile_teacher not in COMPILE_MODES:
+            raise ValueError(f"unknown compile_teacher {self.compile_teacher!r}; allowed: {', '.join(COMPILE_MODES)}")
         self.adam_betas = tuple(self.adam_betas)
 
     @property

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from flash.data import shapes
 from flash.images import save_png
 from flash.models import Components, StudentCard, folder_sha256, load_components, load_unet, save_student
 from flash.pipeline import TextToImage, unet_denoiser
-from flash.sampling import run_student
+from flash.sampling import Denoiser, run_student
 
 SAMPLE_PROMPTS = [
     "a red circle",
@@ -46,6 +47,7 @@ class Models:
     student: torch.nn.Module  # possibly DDP-wrapped
     ema: EMA
     opt: torch.optim.Optimizer
+    teacher_denoise: Denoiser  # the frozen teacher U-Net, compiled when cfg.compile_teacher says so
     disc: torch.nn.Module | None = None
     opt_d: torch.optim.Optimizer | None = None
 
@@ -69,7 +71,39 @@ def build_models(cfg: DistillConfig, accelerator) -> Models:
         student, opt, disc, opt_d = accelerator.prepare(student, opt, disc, opt_d)
     else:
         student, opt = accelerator.prepare(student, opt)
-    return Models(teacher, pipe, student, ema, opt, disc, opt_d)
+    return Models(teacher, pipe, student, ema, opt, teacher_denoiser(teacher.unet, cfg.compile_teacher), disc, opt_d)
+
+
+def teacher_denoiser(unet, mode: str) -> Denoiser:
+    """The frozen teacher as a denoiser; with `mode` != "off", through torch.compile.
+
+    A CUDA graph's output buffer is overwritten by its next replay, so each call marks a new
+    step and returns a copy. If one of the first compiled calls fails (a backend missing on this
+    machine), training goes on in eager mode with a warning rather than losing the run.
+    """
+    eager = unet_denoiser(unet)
+    if mode == "off":
+        return eager
+    compiled = unet_denoiser(torch.compile(unet, mode=mode, dynamic=False))
+    state = {"calls": 0, "eager": False}
+
+    def denoise(x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+        if state["eager"]:
+            return eager(x, t, cond)
+        torch.compiler.cudagraph_mark_step_begin()
+        try:
+            return compiled(x, t, cond).clone()
+        except Exception as e:
+            if state["calls"] >= 3:  # warm-up, recording and first replay are where compiling fails
+                raise
+            warnings.warn(f"compile_teacher={mode!r} failed ({type(e).__name__}: {e}); the teacher runs eagerly",
+                          stacklevel=2)  # fmt: skip
+            state["eager"] = True
+            return eager(x, t, cond)
+        finally:
+            state["calls"] += 1
+
+    return denoise
 
 
 def init_unet(folder: Path, teacher_unet) -> torch.nn.Module:
@@ -124,10 +158,11 @@ def distill_step(
     x0, _ = schedule.split(out, x_t, t)
     # 4. shifted reconstruction loss (eq. 8); srl=False: identity gamma
     gamma = shifted_timestep(t, cfg.gamma) if cfg.srl else t
-    noise = torch.randn(x0.shape, generator=gen).to(dev)
-    target = srl_target(
-        unet_denoiser(m.teacher.unet), x0, gamma, cond, uncond, schedule, cfg.teacher_steps, cfg.guidance_scale, noise
-    )
+    noise = torch.randn(x0.shape, generator=gen).to(dev)  # drawn either way: the same stream for both
+    if cfg.srl_noise == "x_T":
+        noise = x_T
+    target = srl_target(m.teacher_denoise, x0, gamma, cond, uncond, schedule, cfg.teacher_steps, cfg.guidance_scale,
+                        noise)  # fmt: skip
     loss_rec = reconstruction_loss(x0, target)  # (B,)
     logs = {"rec": loss_rec.mean().item()}
     loss = loss_rec.mean()

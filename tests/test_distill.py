@@ -123,6 +123,46 @@ def test_ablation_switches(family, tmp_path, monkeypatch):
     assert calls == [] and set(logs) == {"rec"}  # forward distillation, no discriminator
 
 
+@pytest.mark.parametrize("srl_noise", ["fresh", "x_T"])
+def test_srl_noise_is_fresh_or_the_trajectory_x_T(family, tmp_path, monkeypatch, srl_noise):
+    seen = {}
+    real_run_student, real_srl_target = trainer.run_student, trainer.srl_target
+    monkeypatch.setattr(trainer, "run_student", lambda *a, **k: seen.update(x_T=a[1]) or real_run_student(*a, **k))
+    monkeypatch.setattr(trainer, "srl_target", lambda *a: seen.update(noise=a[-1]) or real_srl_target(*a))
+    _run_step(family, tmp_path, monkeypatch, srl_noise=srl_noise)
+    assert torch.equal(seen["noise"], seen["x_T"]) == (srl_noise == "x_T")
+
+
+def test_compiled_teacher_makes_the_srl_target(family, tmp_path, monkeypatch):
+    calls = []
+
+    def fake_compile(module, mode, dynamic):
+        assert mode == "reduce-overhead" and dynamic is False
+
+        def call(x, t, encoder_hidden_states, return_dict):
+            calls.append(x.shape[0])
+            return module(x, t, encoder_hidden_states=encoder_hidden_states, return_dict=return_dict)
+
+        return call
+
+    monkeypatch.setattr(trainer.torch, "compile", fake_compile)
+    logs, _, changed, _ = _run_step(family, tmp_path, monkeypatch, compile_teacher="reduce-overhead")
+    assert calls == [4, 4] and changed  # k = 2 guided teacher calls (both CFG branches of batch 2)
+
+
+def test_a_teacher_that_fails_to_compile_runs_eagerly(family, tmp_path, monkeypatch):
+    def broken_compile(module, mode, dynamic):
+        def call(*a, **k):
+            raise RuntimeError("no inductor backend here")
+
+        return call
+
+    monkeypatch.setattr(trainer.torch, "compile", broken_compile)
+    with pytest.warns(UserWarning, match="no inductor backend here"):
+        logs, _, changed, _ = _run_step(family, tmp_path, monkeypatch, compile_teacher="default")
+    assert changed and torch.isfinite(torch.tensor(logs["rec"]))
+
+
 def test_distill_loop_checkpoints_resumes_and_writes_a_student(family, tmp_path):
     cfg = _cfg(family, tmp_path)
     folder = trainer.distill(cfg, progress=False)
@@ -166,6 +206,8 @@ def test_student_init_must_fit_the_teacher(family, tmp_path):
         (dict(prompts="web"), "'web'"),
         (dict(prompts="file"), "prompts_file"),
         (dict(gamma=[[500, 1200]]), "1200"),
+        (dict(srl_noise="old"), "x_T"),
+        (dict(compile_teacher="fast"), "reduce-overhead"),
     ],
 )
 def test_bad_config(kw, match):
