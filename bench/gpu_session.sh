@@ -14,10 +14,13 @@
 #    tests, which skip without tensorrt)
 # Logs and the students are packed into OUT_DIR (logs.tgz, student-<config name>.tgz).
 #
-# The GPU image seen on 2026-11-26 (torch 2.11.0+cu130) lacked diffusers, fastapi, starlette,
-# uvicorn, pydantic(-core, -settings), python-dotenv, annotated-types, typing-inspection,
-# importlib-metadata and opentelemetry-api (fastapi >= 0.165 imports it); install them first,
-# e.g. from carried wheels into a folder on PYTHONPATH. Its transformers 5.17 worked as is.
+# The GPU images seen on 2026-11-26 (H200 and H100, torch 2.11.0+cu130) lacked diffusers,
+# fastapi, starlette, uvicorn, pydantic(-core, -settings), python-dotenv, annotated-types,
+# typing-inspection, importlib-metadata and opentelemetry-api (fastapi >= 0.165 imports it);
+# the H100 session also carried annotated-doc, anyio, click, h11 and typing_extensions at this
+# machine's versions. Install them first from carried wheels into a folder on PYTHONPATH, e.g.
+#   pip install --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+# Its transformers 5.17 worked as is.
 set -u
 out=${1:?usage: bench/gpu_session.sh OUT_DIR [TRAIN_MINUTES [CONFIG...]]}
 train=${2:-0}
