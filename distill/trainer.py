@@ -26,7 +26,16 @@ from distill.losses import hinge_d_loss, hinge_g_loss, reconstruction_loss, shif
 from flash.checkpoint import EMA, load_checkpoint, save_checkpoint
 from flash.data import shapes
 from flash.images import save_png
-from flash.models import Components, StudentCard, folder_sha256, load_components, load_unet, save_student
+from flash.models import (
+    CARD,
+    Components,
+    StudentCard,
+    folder_sha256,
+    load_components,
+    load_unet,
+    read_student_card,
+    save_student,
+)
 from flash.pipeline import TextToImage, unet_denoiser
 from flash.sampling import Denoiser, run_student
 
@@ -192,6 +201,16 @@ def distill_step(
     return logs
 
 
+def init_history(student_init: str) -> list[dict]:
+    """The training stages a student_init went through (from its card), oldest first: a student
+    trained in stages (say on a GPU, then on a CPU) keeps a record of every stage."""
+    if not student_init or not (Path(student_init) / CARD).is_file():
+        return []
+    d = read_student_card(Path(student_init)).distill
+    keys = ("out", "steps", "student_init", "batch_size", "srl", "srl_noise", "trained_steps", "minutes", "device")
+    return [*d.get("history", []), {k: d[k] for k in keys if k in d}]
+
+
 def device_name(device: torch.device) -> str:
     """What trained a student, for its card: the GPU's name, or the CPU."""
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
@@ -292,7 +311,8 @@ def distill(cfg: DistillConfig, progress: bool = True) -> Path:
             teacher=str(Path(cfg.teacher).resolve()),
             teacher_sha256=folder_sha256(Path(cfg.teacher) / "unet"),
             distill={**cfg.to_dict(), "trained_steps": step + 1, "minutes": round((time.time() - start) / 60, 2),
-                     "device": device_name(accelerator.device), "processes": accelerator.num_processes},  # fmt: skip
+                     "device": device_name(accelerator.device), "processes": accelerator.num_processes,
+                     "history": init_history(cfg.student_init)},  # fmt: skip
             eval=figures,
         )
         save_student(unet, card, folder, m.teacher.scheduler_config, dtype=getattr(torch, cfg.save_dtype))

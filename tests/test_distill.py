@@ -185,7 +185,12 @@ def test_student_init_starts_from_another_student_and_save_dtype_casts(family, t
     init = trainer.init_unet(Path(cfg.student_init), load_components(Path(family)).unet)
     ref = load_student(first).unet
     assert all(torch.equal(a, b) for a, b in zip(init.state_dict().values(), ref.state_dict().values(), strict=True))
-    assert load_student(trainer.distill(cfg, progress=False)).card.steps == 1
+    second = load_student(trainer.distill(cfg, progress=False)).card
+    assert second.steps == 1
+    # the stage it started from is on its card: a student trained in stages keeps its history
+    assert second.distill["history"] == [{"out": str(tmp_path / "run"), "steps": 3, "student_init": "", "batch_size": 2,
+                                          "srl": True, "srl_noise": "fresh", "trained_steps": 1,
+                                          "minutes": load_student(first).card.distill["minutes"], "device": "cpu"}]
 
 
 def test_student_init_must_fit_the_teacher(family, tmp_path):
