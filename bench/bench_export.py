@@ -209,15 +209,9 @@ def gpu_row(label: str, models: dict, encode, decode, latent, schedule, ts, b: i
 
 def unet_call(unet, mode: str | None = None):
     """A denoiser of `unet`: eager (mode None) or torch.compile(mode), one static shape per batch size."""
-    if mode is None:
-        return lambda x, t, cond: unet(x, t, encoder_hidden_states=cond, return_dict=False)[0]
-    compiled = torch.compile(unet, mode=mode, dynamic=False)
+    from flash.pipeline import compiled_unet_denoiser, unet_denoiser
 
-    def denoise(x, t, cond):
-        torch.compiler.cudagraph_mark_step_begin()  # no-op unless mode uses CUDA graphs
-        return compiled(x, t, encoder_hidden_states=cond, return_dict=False)[0].clone()
-
-    return denoise
+    return unet_denoiser(unet) if mode is None else compiled_unet_denoiser(unet, mode)
 
 
 def trt_call(engine):

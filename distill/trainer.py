@@ -36,7 +36,7 @@ from flash.models import (
     read_student_card,
     save_student,
 )
-from flash.pipeline import TextToImage, unet_denoiser
+from flash.pipeline import TextToImage, compiled_unet_denoiser, unet_denoiser
 from flash.sampling import Denoiser, run_student
 
 SAMPLE_PROMPTS = [
@@ -86,22 +86,20 @@ def build_models(cfg: DistillConfig, accelerator) -> Models:
 def teacher_denoiser(unet, mode: str) -> Denoiser:
     """The frozen teacher as a denoiser; with `mode` != "off", through torch.compile.
 
-    A CUDA graph's output buffer is overwritten by its next replay, so each call marks a new
-    step and returns a copy. If one of the first compiled calls fails (a backend missing on this
+    If one of the first compiled calls fails (a backend missing on this
     machine), training goes on in eager mode with a warning rather than losing the run.
     """
     eager = unet_denoiser(unet)
     if mode == "off":
         return eager
-    compiled = unet_denoiser(torch.compile(unet, mode=mode, dynamic=False))
+    compiled = compiled_unet_denoiser(unet, mode)
     state = {"calls": 0, "eager": False}
 
     def denoise(x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
         if state["eager"]:
             return eager(x, t, cond)
-        torch.compiler.cudagraph_mark_step_begin()
         try:
-            return compiled(x, t, cond).clone()
+            return compiled(x, t, cond)
         except Exception as e:
             if state["calls"] >= 3:  # warm-up, recording and first replay are where compiling fails
                 raise
