@@ -3,7 +3,8 @@
     python bench/bench_service.py --model models/shapes64 --requests 64 --concurrency 16
     python bench/bench_service.py --tiny --requests 8 --concurrency 4     # smoke run
 
-Prints four ratios side by side:
+Prints four ratios side by side, and how full the U-Net calls were during the
+concurrent run (images per call, read from the server's /metrics):
   1. p50 latency of one 3-step request over HTTP / the same generation in-process
      (TextToImage.student_latents + decode, batch 1)                        target <= 1.10
   2. throughput with `concurrency` clients over HTTP / the in-process pipeline at
@@ -78,6 +79,18 @@ def http_throughput(url: str, n: int, concurrency: int) -> float:
     return asyncio.run(run())
 
 
+def images_per_unet_call(url: str, model: str = STUDENT) -> tuple[float, float]:
+    """(images, calls) of `model` so far: the flash_batch_size_images histogram's sum and count."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    found = {}
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
+        for sample in family.samples:
+            if sample.labels.get("model") == model and sample.name.startswith("flash_batch_size_images_"):
+                found[sample.name.rsplit("_", 1)[-1]] = sample.value
+    return found.get("sum", 0.0), found.get("count", 0.0)
+
+
 def in_process(model: Path, n_latency: int, n_images: int, batch: int) -> dict:
     """The same generations without the service: p50 latency at batch 1, throughput at `batch`."""
     import torch
@@ -135,7 +148,10 @@ def main(argv: list[str] | None = None) -> dict:
         http_p50 = statistics.median(http_latencies(url, n))
         teacher_p50 = statistics.median(http_latencies(url, args.teacher_requests, model="teacher", steps=25))
         http_throughput(url, 2 * k, k)  # warm up like the in-process side: connections, batch shapes
+        images0, calls0 = images_per_unet_call(url)
         batched = http_throughput(url, n, k)
+        images1, calls1 = images_per_unet_call(url)
+        fill = (images1 - images0) / max(1.0, calls1 - calls0)
     with server(model, max_batch_size=1) as url:
         http_throughput(url, 2 * k, k)
         unbatched = http_throughput(url, n, k)
@@ -151,9 +167,11 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{'measure':<56}{'service':>12}{'baseline':>12}{'ratio':>9}  target")
     for name, a, b, ratio, target in rows:
         print(f"{name:<56}{a:>12.2f}{b:>12.2f}{ratio:>9.2f}  {target}")
+    print(f"images per U-Net call during the {k}-client run: {fill:.1f} (in-process: {k})")
     results = {
         name: {"service": a, "baseline": b, "ratio": ratio, "target": t} for name, a, b, ratio, t in rows
     }
+    results["images per U-Net call, concurrent run"] = fill
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return results
