@@ -37,8 +37,12 @@ STUDENT = "flash-3step"
 @contextmanager
 def server(model: Path, max_batch_size: int, timeout: float = 300):
     """`python -m service` in a subprocess; yields its base URL once /health/ready is 200."""
-    env = {"FLASH_QUEUE_SIZE": "1024", "FLASH_REQUEST_TIMEOUT_S": "600", "FLASH_LOG_LEVEL": "warning",
-           "FLASH_MAX_BATCH_SIZE": str(max_batch_size)}
+    env = {
+        "FLASH_QUEUE_SIZE": "1024",
+        "FLASH_REQUEST_TIMEOUT_S": "600",
+        "FLASH_LOG_LEVEL": "warning",
+        "FLASH_MAX_BATCH_SIZE": str(max_batch_size),
+    }
     with serve_in_process(model, env, timeout) as (url, _):
         yield url
 

@@ -46,8 +46,13 @@ def median_ms(fn, repeats: int, warmup: int = 2) -> float:
     return statistics.median(times) * 1000
 
 
-def fixed_cost_bound(teacher_call_ms: float, student_call_ms: float, ratio: float = 10.0, teacher_calls: int = 25,
-                     student_calls: int = 3) -> float:
+def fixed_cost_bound(
+    teacher_call_ms: float,
+    student_call_ms: float,
+    ratio: float = 10.0,
+    teacher_calls: int = 25,
+    student_calls: int = 3,
+) -> float:
     """The largest per-image fixed cost F with (F + 25 T) / (F + 3 S) >= ratio (negative: out of reach)."""
     return (teacher_calls * teacher_call_ms - ratio * student_calls * student_call_ms) / (ratio - 1)
 
@@ -70,20 +75,26 @@ def main(argv: list[str] | None = None) -> dict:
     s_unet, t_unet = unet_denoiser(student.unet), unet_denoiser(fam.teacher.unet)
     prompts = [f"a red circle above a blue square {i}" for i in range(max(args.batch))]
     n = args.repeats
-    rows = {}
     with torch.inference_mode():
         cond, x = t2i.encode(prompts), t2i.noise(list(range(len(prompts))))
-        for b in args.batch:
+
+        def stages(b: int) -> dict[str, float]:
             t, c2, x2 = torch.full((b,), 999), cond[:b].repeat(2, 1, 1), x[:b].repeat(2, 1, 1, 1)
-            rows[b] = {
+            return {
                 "text encoder": median_ms(lambda: t2i.encode(prompts[:b]), n),
                 "student U-Net call": median_ms(lambda: s_unet(x[:b], t, cond[:b]), n),
                 "teacher U-Net call (CFG, 2x batch)": median_ms(lambda: t_unet(x2, t.repeat(2), c2), n),
                 "VAE decoder": median_ms(lambda: t2i.decode(x[:b]), n),
             }
+
+        rows = {b: stages(b) for b in args.batch}
         one = prompts[:1]
-        student_ms = median_ms(lambda: t2i.decode(t2i.student_latents(student.unet, one, [0], student.card.timesteps)), n)
-        teacher_ms = median_ms(lambda: t2i.decode(t2i.teacher_latents(one, [0], 25)), max(3, n // 5), warmup=1)
+        student_ms = median_ms(
+            lambda: t2i.decode(t2i.student_latents(student.unet, one, [0], student.card.timesteps)), n
+        )
+        teacher_ms = median_ms(
+            lambda: t2i.decode(t2i.teacher_latents(one, [0], 25)), max(3, n // 5), warmup=1
+        )
 
     print(f"\nmodel {model}  torch threads {torch.get_num_threads()}  medians of {n} (ms)")
     print(f"{'stage':<38}" + "".join(f"{f'batch {b}':>12}" for b in args.batch))
@@ -92,10 +103,14 @@ def main(argv: list[str] | None = None) -> dict:
     if 1 in rows:
         s1, t2 = rows[1]["student U-Net call"], rows[1]["teacher U-Net call (CFG, 2x batch)"]
         fixed = student_ms - 3 * s1
-        print(f"\none image, batch 1: 3-step {student_ms:.1f} ms, teacher 25 steps + CFG {teacher_ms:.1f} ms, "
-              f"ratio {teacher_ms / student_ms:.2f}")
-        print(f"fixed cost F = 3-step image - 3 U-Net calls = {fixed:.1f} ms; 10x needs F <= "
-              f"{fixed_cost_bound(t2, s1):.1f} ms (with no fixed cost at all: {25 * t2 / (3 * s1):.1f}x)")
+        print(
+            f"\none image, batch 1: 3-step {student_ms:.1f} ms, teacher 25 steps + CFG {teacher_ms:.1f} ms, "
+            f"ratio {teacher_ms / student_ms:.2f}"
+        )
+        print(
+            f"fixed cost F = 3-step image - 3 U-Net calls = {fixed:.1f} ms; 10x needs F <= "
+            f"{fixed_cost_bound(t2, s1):.1f} ms (with no fixed cost at all: {25 * t2 / (3 * s1):.1f}x)"
+        )
     return {"stages_ms": rows, "student_ms": student_ms, "teacher_ms": teacher_ms}
 
 
