@@ -87,13 +87,15 @@ def _cmd_eval(a: argparse.Namespace) -> None:
     family = Path(a.model_dir)
     if a.update_card and a.rows:
         raise CliError("--update-card writes every shipped row: leave out --rows")
+    if a.split != "test" and (a.update_card or a.report):
+        raise CliError("the card and the report carry the test split's figures: leave out --split")
     rows = default_rows(family, noise_correction_off=a.noise_correction_off)
     if a.rows:
         rows = [r for r in rows if any(key in r.name for key in a.rows)]
     rows += extra_student_rows(a.student or [])
     if not rows:
         raise CliError("no rows to evaluate")
-    results = evaluate_rows(family, rows, n=a.n, batch=a.batch)
+    results = evaluate_rows(family, rows, n=a.n, batch=a.batch, split=a.split)
     print(results_table(results))
     if a.json:
         data = [{"row": r.row.__dict__, "metrics": r.metrics, "seconds_per_image": r.seconds_per_image} for r in results]
@@ -170,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
             "  flash eval models/shapes64 --rows 3-step --student 'no SRL=runs/ablation-3step-no-srl/student'")
     e.add_argument("model_dir", nargs="?", default=DEFAULT_MODEL)
     e.add_argument("--n", type=int, default=500, help="evaluation prompts (default: %(default)s)")
+    e.add_argument("--split", choices=["test", "validation"], default="test",
+                   help="test: the fixed prompts of every reported figure; validation: other prompts and x_T, "
+                   "for choosing checkpoints or settings without the test prompts (default: %(default)s)")
     e.add_argument("--batch", type=int, default=50)
     e.add_argument("--rows", nargs="*", help="keep only rows whose name contains one of these")
     e.add_argument("--student", nargs="*", metavar="[NAME=]DIR",

@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -93,6 +94,26 @@ def test_eval_writes_the_shipped_rows_into_the_family_card(family64, tmp_path):
                             "Imagine Flash, 3-step", "Imagine Flash, 2-step", "Imagine Flash, 1-step", "command"}  # fmt: skip
     assert figures["Imagine Flash, 1-step"]["n"] == 4 and figures["Imagine Flash, 1-step"]["seconds_per_image"] > 0
     assert figures["command"].startswith("flash eval ") and "--update-card" in figures["command"]
+
+
+def test_eval_validation_split_draws_other_prompts_and_noise(family64, tmp_path, monkeypatch):
+    from flash.data import shapes
+    from flash.eval import run
+
+    test, test_seeds = run.split_prompts("test", 8)
+    val, val_seeds = run.split_prompts("validation", 8)
+    assert test == shapes.eval_prompts(8) and test_seeds == list(range(8))  # the reported figures' prompts
+    assert val != test and not set(val_seeds) & set(test_seeds)
+    seen = []
+    monkeypatch.setattr(run, "generate", lambda pipe, row, ps, seeds, student=None: (
+        seen.append((ps, seeds)) or np.zeros((len(ps), 64, 64, 3), np.uint8)))
+    rows = [r for r in run.default_rows(family64) if r.name == "Imagine Flash, 3-step"]
+    run.evaluate_rows(family64, rows, n=8, batch=4, progress=False, split="validation")
+    assert [p for ps, _ in seen for p in ps] == val and [s for _, ss in seen for s in ss] == val_seeds
+    with pytest.raises(ValueError, match="validation"):
+        run.split_prompts("train", 4)
+    r = flash("eval", str(family64), "--n", "4", "--split", "validation", "--report", str(tmp_path / "r.md"))
+    assert r.returncode == 2 and "test split" in r.stderr and not (tmp_path / "r.md").exists()
 
 
 def test_distill_publishes_a_student_into_the_family(tmp_path):

@@ -2,7 +2,11 @@
 
 A *row* is one line of the paper's Table 1 in miniature: the teacher with a solver and
 step count, or a student (optionally with noise correction switched off, for Fig. 12).
-Seeds are the prompt indices, so every row sees the same x_T for the same prompt.
+Every row sees the same x_T for the same prompt (on the test split, seed = prompt index).
+
+Two splits of the grammar: `test` (the fixed prompts every reported figure and target
+uses) and `validation` (other prompts, other x_T) for choices such as which checkpoint
+to ship or whether to keep noise correction, so the test prompts do not pick them.
 """
 
 from __future__ import annotations
@@ -18,6 +22,17 @@ from flash.data import shapes
 from flash.eval.evaluate import evaluate
 from flash.models import Components, load_components, load_student
 from flash.pipeline import TextToImage
+
+# split -> (prompt seed of shapes.eval_prompts, x_T seed of the first prompt)
+SPLITS = {"test": (1234, 0), "validation": (4321, 1_000_000)}
+
+
+def split_prompts(split: str, n: int) -> tuple[list[str], list[int]]:
+    """The split's first `n` prompts and their x_T seeds."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; allowed: {', '.join(SPLITS)}")
+    prompt_seed, first = SPLITS[split]
+    return shapes.eval_prompts(n, seed=prompt_seed), list(range(first, first + n))
 
 
 @dataclass(frozen=True)
@@ -69,13 +84,13 @@ def default_rows(family: Path, guidance_scale: float = 5.0, noise_correction_off
 
 def evaluate_rows(
     teacher_dir: Path, rows: list[Row], n: int = 500, batch: int = 50, components: Components | None = None,
-    progress: bool = True,
+    progress: bool = True, split: str = "test",
 ) -> list[RowResult]:
     from tqdm import tqdm
 
     components = components or load_components(Path(teacher_dir))
     pipe = TextToImage(components)
-    prompts = shapes.eval_prompts(n)
+    prompts, seeds = split_prompts(split, n)
     results = []
     for row in rows:
         student = load_student(Path(row.student_dir)) if row.kind == "student" else None
@@ -84,7 +99,7 @@ def evaluate_rows(
             ps = prompts[k : k + batch]
             t0 = time.perf_counter()
             with torch.inference_mode():
-                images.append(generate(pipe, row, ps, list(range(k, k + len(ps))), student))
+                images.append(generate(pipe, row, ps, seeds[k : k + len(ps)], student))
             elapsed += time.perf_counter() - t0
         imgs = np.concatenate(images)
         steps = student.card.steps if student else row.steps
