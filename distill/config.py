@@ -11,13 +11,13 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from flash.pipeline import COMPILE_MODES
 from flash.schedule import validate_timesteps
 from flash.scheduler import DEFAULT_TIMESTEPS
 
 PROMPT_SOURCES = ("shapes", "file")
 SAVE_DTYPES = ("float32", "float16", "bfloat16")
 SRL_NOISES = ("fresh", "x_T")
-COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 
 
 @dataclass

@@ -9,6 +9,7 @@ seeded image is the same alone or inside a batch and matches the stock pipeline.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -26,6 +27,11 @@ def unet_denoiser(unet) -> Denoiser:
         return unet(x, t, encoder_hidden_states=cond, return_dict=False)[0]
 
     return denoise
+
+
+# torch.compile modes, "off" for eager: the service's `torch_compile`, distill's `compile_teacher`
+CompileMode = Literal["off", "default", "reduce-overhead", "max-autotune"]
+COMPILE_MODES: tuple[str, ...] = get_args(CompileMode)
 
 
 def compiled_unet_denoiser(unet, mode: str) -> Denoiser:

@@ -17,6 +17,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from flash.pipeline import CompileMode
+
 DEVICE_PATTERN = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
 
 
@@ -97,7 +99,7 @@ class Settings(BaseSettings):
     torch_dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="Weights and activations of the torch backend; auto is float16 on cuda, else float32."
     )
-    torch_compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = Field(
+    torch_compile: CompileMode = Field(
         "off",
         description="torch.compile mode for the torch backend's U-Nets (reduce-overhead adds CUDA graphs); "
         "batches are padded to power-of-two buckets so each compiles once, during warm-up.",
