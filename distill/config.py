@@ -70,7 +70,7 @@ class DistillConfig:
     # torch.compile mode for the frozen teacher's U-Net (the k guided calls of each SRL target,
     # about half of a step's U-Net calls): "reduce-overhead" captures CUDA graphs on a GPU
     compile_teacher: str = "off"
-    eval_prompts: int = 200  # evaluated at the end with the shapes-64 judge (shapes prompts only)
+    eval_prompts: int = 200  # evaluated at the end with the shapes-64 judge, validation split (shapes prompts only)
 
     def __post_init__(self) -> None:
         if self.steps < 1:

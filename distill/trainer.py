@@ -229,16 +229,18 @@ def sample_grid(m: Models, unet, cfg: DistillConfig, seeds=(0, 1)) -> np.ndarray
 
 
 def evaluate_student(m: Models, unet, cfg: DistillConfig, n: int, batch: int = 50) -> dict:
-    """Shapes-64 judge on the fixed evaluation prompts (shapes teachers only)."""
+    """Shapes-64 judge on the validation prompts (shapes teachers only): figures to choose runs
+    by, while the test prompts stay with `flash eval` and the targets."""
     from flash.eval import evaluate
+    from flash.eval.run import split_prompts
 
-    prompts = shapes.eval_prompts(n)
+    prompts, seeds = split_prompts("validation", n)
     images = []
     for k in range(0, n, batch):
-        ps = prompts[k : k + batch]
-        lat = m.pipe.student_latents(unet, ps, list(range(k, k + len(ps))), cfg.timesteps, cfg.noise_correction)
+        lat = m.pipe.student_latents(unet, prompts[k : k + batch], seeds[k : k + batch], cfg.timesteps,
+                                     cfg.noise_correction)  # fmt: skip
         images.append(m.pipe.decode(lat))
-    return evaluate(np.concatenate(images), prompts)
+    return {**evaluate(np.concatenate(images), prompts), "split": "validation", "n": n}
 
 
 def _modules(m: Models, accelerator) -> dict:

@@ -126,4 +126,4 @@ def test_distill_publishes_a_student_into_the_family(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     card = json.loads((fam / "students" / "2-step" / "flash.json").read_text())
     assert card["distill"]["trained_steps"] == 1 and card["teacher"] == "../.."
-    assert set(card["eval"]["alignment"]) >= {"overall", "spatial"}
+    assert set(card["eval"]["alignment"]) >= {"overall", "spatial"} and card["eval"]["split"] == "validation"
