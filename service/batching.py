@@ -42,9 +42,13 @@ log = logging.getLogger(__name__)
 TEACHER_SCHEDULER = "dpmsolver++"
 
 
-def collate_requests(queue: Queue, max_batch_size: int, timeout: float, wait_first: float = 0.0) -> list:
+def collate_requests(
+    queue: Queue, max_batch_size: int, timeout: float, wait_first: float = 0.0,
+    linger_if: Callable[[Any], bool] | None = None,
+) -> list:
     """Up to `max_batch_size` items from `queue`: wait up to `wait_first` s for the first,
-    then up to `timeout` s after it for more, returning early when full. [] if none came."""
+    then up to `timeout` s after it for more (only if `linger_if(first)`, when given),
+    returning early when full. [] if none came."""
     items: list = []
     if max_batch_size <= 0:
         return items
@@ -52,6 +56,8 @@ def collate_requests(queue: Queue, max_batch_size: int, timeout: float, wait_fir
         items.append(queue.get(timeout=wait_first) if wait_first > 0 else queue.get_nowait())
     except Empty:
         return items
+    if linger_if is not None and not linger_if(items[0]):
+        timeout = 0.0  # take what is already there, do not wait
     end = time.monotonic() + timeout
     while len(items) < max_batch_size:
         remaining = end - time.monotonic()
@@ -60,6 +66,16 @@ def collate_requests(queue: Queue, max_batch_size: int, timeout: float, wait_fir
         except Empty:
             break
     return items
+
+
+def waits_for_company(job: Job) -> bool:
+    """Whether an idle loop holds `job` for `max_wait_ms` so requests sent with it share its call.
+
+    Teacher jobs: a trajectory cannot be joined once it runs. Student jobs do not wait: a
+    request that comes a moment later joins at the next U-Net call (continuous batching), and
+    the window would only add its length to a lone request's latency (docs/benchmarks.md).
+    """
+    return job.kind == "teacher"
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,8 @@ class Settings(BaseSettings):
         2.0,
         ge=0,
         le=1000,
-        description="How long an idle device waits after a first request for others to batch.",
+        description="How long an idle device waits after a first teacher request for others to share its "
+        "trajectory (student requests join a running batch at its next U-Net call and never wait).",
     )
     queue_size: int = Field(
         64, ge=1, le=100_000, description="Requests that may wait for the device; more get 429."

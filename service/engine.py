@@ -28,7 +28,15 @@ from flash.pipeline import TextToImage
 from flash.sampling import next_timesteps
 from flash.schedule import NoiseSchedule
 from service.backends import make_backend
-from service.batching import Batcher, Job, JobResult, ModelSet, StudentPlan, collate_requests
+from service.batching import (
+    Batcher,
+    Job,
+    JobResult,
+    ModelSet,
+    StudentPlan,
+    collate_requests,
+    waits_for_company,
+)
 from service.catalog import TEACHER, build_catalog, student_name
 from service.config import Settings
 from service.errors import DeadlineExceeded, NotReady, QueueFull, ReloadFailed, ReloadInProgress
@@ -264,7 +272,8 @@ class Engine:
                 continue
             self._run_control(0)
             idle = not b.has_work()
-            b.add(collate_requests(self._queue, b.room(), window if idle else 0.0, POLL_S if idle else 0.0))
+            b.add(collate_requests(self._queue, b.room(), window if idle else 0.0, POLL_S if idle else 0.0,
+                                   linger_if=waits_for_company))
             if b.has_work():
                 try:
                     b.run_once(self.models)  # read after the wait: a swap applies to the next admission

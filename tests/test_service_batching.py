@@ -11,7 +11,15 @@ import torch
 from flash.sampling import next_timesteps, run_student
 from flash.schedule import NoiseSchedule
 from flash.tiny import SD_SCHEDULER_CONFIG
-from service.batching import Batcher, Job, ModelSet, StudentPlan, collate_requests, select_teacher_batch
+from service.batching import (
+    Batcher,
+    Job,
+    ModelSet,
+    StudentPlan,
+    collate_requests,
+    select_teacher_batch,
+    waits_for_company,
+)
 from service.errors import DeadlineExceeded, GenerationFailed
 
 SCHED = NoiseSchedule.from_config(SD_SCHEDULER_CONFIG)
@@ -62,6 +70,23 @@ def test_collate_gathers_what_arrives_inside_the_window():
     q.put("a")
     threading.Timer(0.02, q.put, args=("b",)).start()
     assert collate_requests(q, 4, timeout=0.5) == ["a", "b"]  # then the window runs out
+
+
+def test_collate_lingers_only_for_a_first_job_that_waits_for_company():
+    q = Queue()
+    q.put(job())
+    q.put(second := job())
+    late = threading.Timer(0.1, q.put, args=(job("teacher"),))
+    late.start()
+    start = time.monotonic()
+    # a student first: what is queued now, no window (the next one joins at the next U-Net call)
+    assert collate_requests(q, 4, timeout=1.0, linger_if=waits_for_company)[1] is second
+    assert time.monotonic() - start < 0.08
+    late.join()
+    threading.Timer(0.05, q.put, args=(partner := job("teacher"),)).start()
+    got = collate_requests(q, 4, timeout=0.3, linger_if=waits_for_company)  # a teacher first: the window
+    assert [j.kind for j in got] == ["teacher", "teacher"] and got[1] is partner
+    assert waits_for_company(job("teacher")) and not waits_for_company(job())
 
 
 # -- grouping -------------------------------------------------------------------------------------
