@@ -265,9 +265,10 @@ def distill(cfg: DistillConfig, progress: bool = True) -> Path:
     out = Path(cfg.out)
     m = build_models(cfg, accelerator)
     ckpt = out / "ckpt"
-    step = 0
+    step, earlier = 0, 0.0  # earlier: minutes trained before a resume
     if ckpt.is_dir():
-        step, _ = load_checkpoint(ckpt, _modules(m, accelerator), _optimizers(m))
+        step, meta = load_checkpoint(ckpt, _modules(m, accelerator), _optimizers(m))
+        earlier = meta.get("minutes", 0.0)
     # ...but each rank draws its own noise and prompts
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + step * 7 + accelerator.process_index)
     stream = make_stream(cfg, m.pipe.image_size, cfg.seed + 7919 * (step + 1) + accelerator.process_index)
@@ -289,7 +290,8 @@ def distill(cfg: DistillConfig, progress: bool = True) -> Path:
             log.flush()
         out_of_time = cfg.max_minutes > 0 and time.time() - start > cfg.max_minutes * 60
         if main and (done % cfg.checkpoint_every == 0 or done == cfg.max_steps or out_of_time):
-            save_checkpoint(ckpt, done, _modules(m, accelerator), _optimizers(m), {"config": cfg.to_dict()})
+            minutes = earlier + (time.time() - start) / 60
+            save_checkpoint(ckpt, done, _modules(m, accelerator), _optimizers(m), {"config": cfg.to_dict(), "minutes": minutes})
         if main and done % cfg.sample_every == 0:
             save_png(sample_grid(m, ema_student(m, accelerator), cfg), out / "samples" / f"step{done:06d}.png")
         if out_of_time:
@@ -310,7 +312,7 @@ def distill(cfg: DistillConfig, progress: bool = True) -> Path:
             prediction_type=m.pipe.schedule.prediction_type,
             teacher=str(Path(cfg.teacher).resolve()),
             teacher_sha256=folder_sha256(Path(cfg.teacher) / "unet"),
-            distill={**cfg.to_dict(), "trained_steps": step + 1, "minutes": round((time.time() - start) / 60, 2),
+            distill={**cfg.to_dict(), "trained_steps": step + 1, "minutes": round(earlier + (time.time() - start) / 60, 2),
                      "device": device_name(accelerator.device), "processes": accelerator.num_processes,
                      "history": init_history(cfg.student_init)},  # fmt: skip
             eval=figures,

@@ -1,5 +1,6 @@
 """Imagine Flash distillation: losses, one step, the loop, resume, and DDP on 2 CPU processes."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -170,8 +171,12 @@ def test_distill_loop_checkpoints_resumes_and_writes_a_student(family, tmp_path)
     s = load_student(folder)
     assert s.card.steps == 3 and s.card.timesteps == [999, 750, 500] and s.card.distill["trained_steps"] == 2
     assert s.card.distill["device"] == "cpu" and s.card.distill["processes"] == 1
-    resumed = trainer.distill(_cfg(family, tmp_path, max_steps=3), progress=False)
-    assert load_student(resumed).card.distill["trained_steps"] == 3
+    state = tmp_path / "run" / "ckpt" / "state.json"  # say the first part had trained 100 minutes
+    info = json.loads(state.read_text())
+    assert info["meta"]["minutes"] > 0
+    state.write_text(json.dumps({**info, "meta": {**info["meta"], "minutes": 100.0}}))
+    resumed = load_student(trainer.distill(_cfg(family, tmp_path, max_steps=3), progress=False)).card
+    assert resumed.distill["trained_steps"] == 3 and 100.0 <= resumed.distill["minutes"] < 110  # minutes add up
 
 
 def test_student_init_starts_from_another_student_and_save_dtype_casts(family, tmp_path):
