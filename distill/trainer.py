@@ -278,6 +278,10 @@ def distill(cfg: DistillConfig, progress: bool = True) -> Path:
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
     log = open(out / "loss.jsonl", "a") if main else None  # noqa: SIM115 - open for the whole run
     start = time.time()
+
+    def minutes() -> float:  # trained so far, resumes included
+        return earlier + (time.time() - start) / 60
+
     bar = tqdm(range(step, cfg.max_steps), initial=step, total=cfg.max_steps, desc=f"distill {cfg.steps}-step",
                disable=not (progress and main), dynamic_ncols=True)
     for step in bar:
@@ -290,8 +294,8 @@ def distill(cfg: DistillConfig, progress: bool = True) -> Path:
             log.flush()
         out_of_time = cfg.max_minutes > 0 and time.time() - start > cfg.max_minutes * 60
         if main and (done % cfg.checkpoint_every == 0 or done == cfg.max_steps or out_of_time):
-            minutes = earlier + (time.time() - start) / 60
-            save_checkpoint(ckpt, done, _modules(m, accelerator), _optimizers(m), {"config": cfg.to_dict(), "minutes": minutes})
+            meta = {"config": cfg.to_dict(), "minutes": minutes()}
+            save_checkpoint(ckpt, done, _modules(m, accelerator), _optimizers(m), meta)
         if main and done % cfg.sample_every == 0:
             save_png(sample_grid(m, ema_student(m, accelerator), cfg), out / "samples" / f"step{done:06d}.png")
         if out_of_time:
@@ -312,7 +316,7 @@ def distill(cfg: DistillConfig, progress: bool = True) -> Path:
             prediction_type=m.pipe.schedule.prediction_type,
             teacher=str(Path(cfg.teacher).resolve()),
             teacher_sha256=folder_sha256(Path(cfg.teacher) / "unet"),
-            distill={**cfg.to_dict(), "trained_steps": step + 1, "minutes": round(earlier + (time.time() - start) / 60, 2),
+            distill={**cfg.to_dict(), "trained_steps": step + 1, "minutes": round(minutes(), 2),
                      "device": device_name(accelerator.device), "processes": accelerator.num_processes,
                      "history": init_history(cfg.student_init)},  # fmt: skip
             eval=figures,
