@@ -292,6 +292,7 @@ def distill(cfg: DistillConfig, progress: bool = True) -> Path:
         if main and done % cfg.log_every == 0:
             log.write(json.dumps({"step": done, "time": time.time() - start, **logs}) + "\n")
             log.flush()
+        # max_minutes budgets this invocation (a resume gets its own); minutes() counts them all
         out_of_time = cfg.max_minutes > 0 and time.time() - start > cfg.max_minutes * 60
         if main and (done % cfg.checkpoint_every == 0 or done == cfg.max_steps or out_of_time):
             meta = {"config": cfg.to_dict(), "minutes": minutes()}
