@@ -35,9 +35,10 @@ STUDENT = "flash-3step"
 
 
 @contextmanager
-def server(model: Path, max_batch_size: int, timeout: float = 300):
+def server(model: Path, max_batch_size: int, timeout: float = 300, decoder: str = "full"):
     """`python -m service` in a subprocess; yields its base URL once /health/ready is 200."""
     env = {
+        "FLASH_DECODER": decoder,
         "FLASH_QUEUE_SIZE": "1024",
         "FLASH_REQUEST_TIMEOUT_S": "600",
         "FLASH_LOG_LEVEL": "warning",
@@ -95,14 +96,14 @@ def images_per_unet_call(url: str, model: str = STUDENT) -> tuple[float, float]:
     return found.get("sum", 0.0), found.get("count", 0.0)
 
 
-def in_process(model: Path, n_latency: int, n_images: int, batch: int) -> dict:
+def in_process(model: Path, n_latency: int, n_images: int, batch: int, decoder: str = "full") -> dict:
     """The same generations without the service: p50 latency at batch 1, throughput at `batch`."""
     import torch
 
     from flash.models import load_family
     from flash.pipeline import TextToImage
 
-    fam = load_family(model)
+    fam = load_family(model, decoder=decoder)
     student = fam.students[3]
     t2i = TextToImage(fam.teacher)
     ts = student.card.timesteps
@@ -136,6 +137,8 @@ def main(argv: list[str] | None = None) -> dict:
         "--concurrency", type=int, default=16, help="concurrent clients (and the in-process batch)"
     )
     p.add_argument("--teacher-requests", type=int, default=5, help="teacher (25 steps, CFG) latency samples")
+    p.add_argument("--decoder", choices=["full", "tiny"], default="full",
+                   help="the family's VAE decoder or its fast one (vae_tiny/), on both sides")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
 
@@ -147,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = model.resolve()
     n, k = args.requests, args.concurrency
 
-    with server(model, max_batch_size=k) as url:
+    with server(model, max_batch_size=k, decoder=args.decoder) as url:
         http_latencies(url, 2)  # warm the connection path
         http_p50 = statistics.median(http_latencies(url, n))
         teacher_p50 = statistics.median(http_latencies(url, args.teacher_requests, model="teacher", steps=25))
@@ -156,10 +159,10 @@ def main(argv: list[str] | None = None) -> dict:
         batched = http_throughput(url, n, k)
         images1, calls1 = images_per_unet_call(url)
         fill = (images1 - images0) / max(1.0, calls1 - calls0)
-    with server(model, max_batch_size=1) as url:
+    with server(model, max_batch_size=1, decoder=args.decoder) as url:
         http_throughput(url, 2 * k, k)
         unbatched = http_throughput(url, n, k)
-    local = in_process(model, n, n, k)
+    local = in_process(model, n, n, k, args.decoder)
 
     rows = [
         ("p50 latency, 3-step, 1 client (ms)", http_p50 * 1e3, local["p50_s"] * 1e3, http_p50 / local["p50_s"], "<= 1.10"),
@@ -167,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
         (f"throughput, {k} clients, batching vs max_batch_size=1", batched, unbatched, batched / unbatched, "report"),
         ("per image: teacher 25 steps + CFG vs 3-step (ms)", teacher_p50 * 1e3, http_p50 * 1e3, teacher_p50 / http_p50, ">= 10"),
     ]  # fmt: skip
-    print(f"\nmodel {model}  requests {n}  concurrency {k}  torch threads: default")
+    print(f"\nmodel {model}  decoder {args.decoder}  requests {n}  concurrency {k}  torch threads: default")
     print(f"{'measure':<56}{'service':>12}{'baseline':>12}{'ratio':>9}  target")
     for name, a, b, ratio, target in rows:
         print(f"{name:<56}{a:>12.2f}{b:>12.2f}{ratio:>9.2f}  {target}")

@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--tiny", action="store_true", help="a tiny random family instead (smoke run)")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--decoder", choices=["full", "tiny"], default="full",
+                   help="the family's VAE decoder or its fast one (vae_tiny/)")
     args = p.parse_args(argv)
     model = args.model
     if args.tiny:
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         model = write_tiny_family(Path(tempfile.mkdtemp()) / "tiny")
 
-    fam = load_family(model)
+    fam = load_family(model, decoder=args.decoder)
     student, t2i = fam.students[3], TextToImage(fam.teacher)
     s_unet, t_unet = unet_denoiser(student.unet), unet_denoiser(fam.teacher.unet)
     prompts = [f"a red circle above a blue square {i}" for i in range(max(args.batch))]
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
             lambda: t2i.decode(t2i.teacher_latents(one, [0], 25)), max(3, n // 5), warmup=1
         )
 
-    print(f"\nmodel {model}  torch threads {torch.get_num_threads()}  medians of {n} (ms)")
+    print(f"\nmodel {model}  decoder {args.decoder}  torch threads {torch.get_num_threads()}  medians of {n} (ms)")
     print(f"{'stage':<38}" + "".join(f"{f'batch {b}':>12}" for b in args.batch))
     for stage in rows[args.batch[0]]:
         print(f"{stage:<38}" + "".join(f"{rows[b][stage]:>12.2f}" for b in args.batch))

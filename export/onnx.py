@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from export.config import ExportConfig
-from flash.models import Family, folder_sha256, load_family
+from flash.models import Family, folder_sha256, load_family, vae_scale_factor
 
 MANIFEST = "manifest.json"
 FORMAT = "imagine-flash/onnx-export"
@@ -352,7 +352,7 @@ def export_family(
             "latent_shape": list(latent),
             "text_length": length,
             "text_dim": cross_dim,
-            "image_size": int(c.unet.config.sample_size) * 2 ** (len(c.vae.config.block_out_channels) - 1),
+            "image_size": int(c.unet.config.sample_size) * vae_scale_factor(c.vae),
         },
         "models": models,
         "config": cfg.to_dict(),

@@ -20,6 +20,7 @@ EPILOG = """examples:
   flash serve --model models/shapes64 --port 8000
   flash train-teacher --out runs/teacher --export models/shapes64
   flash distill --config configs/shapes64-3step.json
+  flash distill-decoder models/shapes64 --minutes 25
   flash eval models/shapes64 --n 500 --json results.json
   flash export onnx models/shapes64 --out onnx/shapes64
 """
@@ -37,7 +38,7 @@ def _cmd_generate(a: argparse.Namespace) -> None:
     from flash.pipeline import TextToImage
 
     family = Path(a.model_dir)
-    c = load_components(family)
+    c = load_components(family, decoder=a.decoder)
     pipe = TextToImage(c)
     seeds = [a.seed + i for i in range(a.n)]
     prompts = [a.prompt] * a.n
@@ -81,6 +82,25 @@ def _cmd_distill(a: argparse.Namespace) -> None:
     print(f"student written to {folder}")
 
 
+def _cmd_distill_decoder(a: argparse.Namespace) -> None:
+    import shutil
+
+    from distill.decoder import DecoderConfig, train_tiny_vae
+    from flash.checkpoint import replace_dir
+    from flash.models import TINY_VAE
+
+    family = Path(a.model_dir)
+    cfg = DecoderConfig.load(a.config, family=str(family), out=a.out, steps=a.steps, minutes=a.minutes)
+    folder = train_tiny_vae(cfg)
+    if a.publish:
+        tmp = family / (TINY_VAE + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(folder, tmp)
+        replace_dir(tmp, family / TINY_VAE)
+        print(f"published {family / TINY_VAE}")
+    print(f"fast decoder written to {folder}")
+
+
 def _cmd_eval(a: argparse.Namespace) -> None:
     from flash.eval.run import default_rows, evaluate_rows, extra_student_rows, results_table
 
@@ -89,13 +109,15 @@ def _cmd_eval(a: argparse.Namespace) -> None:
         raise CliError("--update-card writes every shipped row: leave out --rows")
     if a.split != "test" and (a.update_card or a.report):
         raise CliError("the card and the report carry the test split's figures: leave out --split")
+    if a.decoder != "full" and (a.update_card or a.report):
+        raise CliError("the card and the report carry the full decoder's figures: leave out --decoder")
     rows = default_rows(family, noise_correction_off=a.noise_correction_off)
     if a.rows:
         rows = [r for r in rows if any(key in r.name for key in a.rows)]
     rows += extra_student_rows(a.student or [])
     if not rows:
         raise CliError("no rows to evaluate")
-    results = evaluate_rows(family, rows, n=a.n, batch=a.batch, split=a.split)
+    results = evaluate_rows(family, rows, n=a.n, batch=a.batch, split=a.split, decoder=a.decoder)
     print(results_table(results))
     if a.json:
         data = [{"row": r.row.__dict__, "metrics": r.metrics, "seconds_per_image": r.seconds_per_image} for r in results]
@@ -143,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance-scale", type=float, default=5.0, help="teacher only")
     g.add_argument("--scheduler", default="dpmsolver++", choices=["dpmsolver++", "ddim", "euler"], help="teacher only")
     g.add_argument("--no-noise-correction", action="store_true", help="students: switch noise correction off")
+    g.add_argument("--decoder", choices=["full", "tiny"], default="full",
+                   help="full: the family's VAE; tiny: its fast decoder (vae_tiny/, `flash distill-decoder`)")
     g.add_argument("--scale", type=int, default=1, help="nearest-neighbour upscale of the PNG")
     g.add_argument("--out", default="out.png")
     g.set_defaults(func=_cmd_generate)
@@ -167,6 +191,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--publish", default=None, help="copy the finished student into this family's students/")
     d.set_defaults(func=_cmd_distill)
 
+    v = add("distill-decoder", "distil a fast AutoencoderTiny decoder from a family's VAE (written as vae_tiny/)",
+            "flash distill-decoder models/shapes64 --minutes 25 --publish\n"
+            "  flash generate \"a red circle\" --decoder tiny --out fast.png")
+    v.add_argument("model_dir", nargs="?", default=DEFAULT_MODEL, help="family folder (default: %(default)s)")
+    v.add_argument("--config", default=None, help="JSON DecoderConfig (optional)")
+    v.add_argument("--out", default=None, help="run folder (pool, checkpoints); resumes if present")
+    v.add_argument("--steps", type=int, default=None)
+    v.add_argument("--minutes", type=float, default=None, help="also stop after this many minutes")
+    v.add_argument("--publish", action="store_true", help="copy the result into the family as vae_tiny/")
+    v.set_defaults(func=_cmd_distill_decoder)
+
     e = add("eval", "score teacher and students on the shapes-64 evaluation prompts (paper Table 1 in miniature)",
             "flash eval models/shapes64 --n 500 --json results.json\n"
             "  flash eval models/shapes64 --rows 3-step --student 'no SRL=runs/ablation-3step-no-srl/student'")
@@ -176,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="test: the fixed prompts of every reported figure; validation: other prompts and x_T, "
                    "for choosing checkpoints or settings without the test prompts (default: %(default)s)")
     e.add_argument("--batch", type=int, default=50)
+    e.add_argument("--decoder", choices=["full", "tiny"], default="full",
+                   help="decode with the full VAE or the family's fast decoder (vae_tiny/)")
     e.add_argument("--rows", nargs="*", help="keep only rows whose name contains one of these")
     e.add_argument("--student", nargs="*", metavar="[NAME=]DIR",
                    help="extra student folders to evaluate (ablations; their own table in the report)")

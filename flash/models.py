@@ -6,6 +6,7 @@ the students beside it:
     models/shapes64/
       model_index.json  tokenizer/  text_encoder/  unet/  vae/  scheduler/   # the teacher
       flash.json                                                              # family card
+      vae_tiny/         (optional) a fast AutoencoderTiny decoder, `decoder="tiny"`
       students/3-step/  config.json  diffusion_pytorch_model.safetensors      # student U-Net
                         scheduler_config.json  flash.json                     # FlashScheduler, card
 
@@ -31,6 +32,8 @@ from flash.schedule import validate_timesteps
 
 CARD = "flash.json"
 STUDENTS = "students"
+TINY_VAE = "vae_tiny"  # optional fast decoder beside the teacher (diffusers AutoencoderTiny, distill/decoder.py)
+DECODERS = ("full", "tiny")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
@@ -132,9 +135,34 @@ def load_unet(folder: Path, dtype: torch.dtype = torch.float32):
     return UNet2DConditionModel.from_pretrained(folder, torch_dtype=dtype, use_safetensors=True).eval()
 
 
-def load_components(path: Path, dtype: torch.dtype = torch.float32) -> Components:
-    """Load tokenizer, text encoder, U-Net, VAE and scheduler config from a local diffusers folder."""
+def vae_scale_factor(vae) -> int:
+    """Pixels per latent cell of an AutoencoderKL or an AutoencoderTiny."""
+    cfg = vae.config
+    if "decoder_block_out_channels" in cfg:  # AutoencoderTiny
+        return int(cfg.upsampling_scaling_factor ** (len(cfg.decoder_block_out_channels) - 1))
+    return 2 ** (len(cfg.block_out_channels) - 1)
+
+
+def load_tiny_vae(path: Path, dtype: torch.dtype = torch.float32):
+    """The family's fast decoder (`path/vae_tiny`, made by `flash distill-decoder`)."""
+    from diffusers import AutoencoderTiny
+
+    folder = Path(path) / TINY_VAE
+    if not folder.is_dir():
+        raise ModelError(f"{path} has no {TINY_VAE}/ (the fast decoder); make one with `flash distill-decoder`")
+    check_weights(folder)
+    return AutoencoderTiny.from_pretrained(folder, torch_dtype=dtype, use_safetensors=True).eval()
+
+
+def load_components(path: Path, dtype: torch.dtype = torch.float32, decoder: str = "full") -> Components:
+    """Load tokenizer, text encoder, U-Net, VAE and scheduler config from a local diffusers folder.
+
+    `decoder="tiny"` puts the family's fast decoder (`vae_tiny/`) in place of the full VAE.
+    """
     from diffusers import AutoencoderKL
+
+    if decoder not in DECODERS:
+        raise ModelError(f"unknown decoder {decoder!r}; allowed: {', '.join(DECODERS)}")
     from transformers import CLIPTextModel, CLIPTokenizer
 
     path = Path(path)
@@ -146,7 +174,10 @@ def load_components(path: Path, dtype: torch.dtype = torch.float32) -> Component
     tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer")
     text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", torch_dtype=dtype, use_safetensors=True)
     unet = load_unet(path / "unet", dtype)
-    vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype, use_safetensors=True)
+    if decoder == "tiny":
+        vae = load_tiny_vae(path, dtype)
+    else:
+        vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype, use_safetensors=True)
     sched = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
     return Components(tokenizer, text_encoder.eval(), unet, vae.eval(), sched)
 
@@ -230,10 +261,10 @@ def list_students(path: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if (p / CARD).is_file()) if root.is_dir() else []
 
 
-def load_family(path: Path, dtype: torch.dtype = torch.float32) -> Family:
+def load_family(path: Path, dtype: torch.dtype = torch.float32, decoder: str = "full") -> Family:
     """Teacher components + every student under students/ (keyed by step count)."""
     path = Path(path)
-    teacher = load_components(path, dtype)
+    teacher = load_components(path, dtype, decoder)
     card_file = path / CARD
     card = FamilyCard.model_validate_json(card_file.read_text()) if card_file.is_file() else FamilyCard(name=path.name)
     students: dict[int, Student] = {}

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from flash.models import Components
+from flash.models import Components, vae_scale_factor
 from flash.sampling import Denoiser, run_diffusers_scheduler, run_student
 from flash.schedule import NoiseSchedule
 
@@ -65,10 +65,9 @@ class TextToImage:
         self.device = torch.device(device)
         self.schedule = NoiseSchedule.from_config(components.scheduler_config)
         self.dtype = components.unet.dtype
-        vae_scale = 2 ** (len(components.vae.config.block_out_channels) - 1)
         size = components.unet.config.sample_size
         self.latent_shape = (components.unet.config.in_channels, size, size)
-        self.image_size = size * vae_scale
+        self.image_size = size * vae_scale_factor(components.vae)
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> Tensor:

@@ -92,3 +92,19 @@ def write_tiny_family(path: Path, seed: int = 0, image_size: int = 32) -> Path:
         card = StudentCard(steps=steps, timesteps=ts, version="tiny-0")
         save_student(c.unet, card, path / "students" / f"{steps}-step", c.scheduler_config)
     return path
+
+
+def write_tiny_decoder(family: Path, seed: int = 0) -> Path:
+    """A random-weight fast decoder (`vae_tiny/`, an AutoencoderTiny) for a tiny family."""
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(seed)
+    folder = Path(family) / "vae_tiny"
+    AutoencoderTiny(
+        encoder_block_out_channels=(8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8),
+        num_encoder_blocks=(1, 1, 1),
+        num_decoder_blocks=(1, 1, 0),
+        upsampling_scaling_factor=2,
+    ).save_pretrained(folder)
+    return folder

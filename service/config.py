@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from flash.pipeline import CompileMode
@@ -105,6 +105,11 @@ class Settings(BaseSettings):
         description="torch.compile mode for the torch backend's U-Nets (reduce-overhead adds CUDA graphs); "
         "batches are padded to power-of-two buckets so each compiles once, during warm-up.",
     )
+    decoder: Literal["full", "tiny"] = Field(
+        "full",
+        description="full: the family's VAE decoder; tiny: its fast decoder (vae_tiny/, made by "
+        "`flash distill-decoder`; a few ms cheaper per image, its quality in docs/results.md). torch backend only.",
+    )
     warmup: bool = Field(True, description="Run every model once before reporting ready.")
     log_level: str = Field("info", description="uvicorn log level: critical, error, warning, info, debug.")
 
@@ -140,6 +145,15 @@ class Settings(BaseSettings):
         if v not in BACKENDS:
             raise ValueError(f"unknown backend {v!r}; allowed: {', '.join(sorted(BACKENDS))}")
         return v
+
+    @model_validator(mode="after")
+    def _tiny_decoder_on_torch(self) -> Settings:
+        if self.decoder == "tiny" and self.backend != "torch":
+            raise ValueError(
+                f"decoder=tiny runs on the torch backend only (the {self.backend} export has the full decoder); "
+                "use backend=torch or decoder=full"
+            )
+        return self
 
     @field_validator("log_level")
     @classmethod

@@ -50,7 +50,7 @@ POLL_S = 0.05  # how often an idle device thread looks at its control queue and 
 
 def load_model_set(settings: Settings, model_dir: Path) -> ModelSet:
     """Read a family folder and build its backends (runs off the device thread)."""
-    family = load_family(model_dir)
+    family = load_family(model_dir, decoder=settings.decoder)
     backends = make_backend(settings.backend, family, settings)
     geometry = TextToImage(family.teacher, backends.device)
     alphas = NoiseSchedule.from_config(family.teacher.scheduler_config).alphas_cumprod
@@ -252,7 +252,9 @@ class Engine:
 
     def _swap(self, models: ModelSet) -> None:
         self.models = models  # one reference: the device thread picks it up at its next iteration
-        self.metrics.set_model(models.version, models.catalog.backend, models.name, models.model_dir)
+        self.metrics.set_model(
+            models.version, models.catalog.backend, models.name, models.model_dir, self.settings.decoder
+        )
         self.load_error, self.ready = None, True
 
     # -- device thread ---------------------------------------------------------------------------

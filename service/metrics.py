@@ -77,7 +77,7 @@ class Metrics:
         self.failed = Counter(
             "flash_requests_failed", "Requests that failed while running, by reason.", ["reason"], registry=r
         )
-        self.model_info = Info("flash_model", "The model version being served and its backend.", registry=r)
+        self.model_info = Info("flash_model", "The model version being served, its backend and decoder.", registry=r)
         self._stages: deque[tuple[str, float, int, str]] = deque()
         for stage in STAGES:
             self.compute.labels(stage)  # expose every stage from the start
@@ -103,9 +103,9 @@ class Metrics:
         self.queue_wait.labels(model).observe(queue_s)
         self.images.labels(model).inc(images)
 
-    def set_model(self, version: str, backend: str, family: str, model_dir: str) -> None:
+    def set_model(self, version: str, backend: str, family: str, model_dir: str, decoder: str = "full") -> None:
         self.model_info.info(
-            {"version": version, "backend": backend, "family": family, "model_dir": model_dir}
+            {"version": version, "backend": backend, "family": family, "model_dir": model_dir, "decoder": decoder}
         )
 
     def exposition(self) -> bytes:

@@ -84,11 +84,11 @@ def default_rows(family: Path, guidance_scale: float = 5.0, noise_correction_off
 
 def evaluate_rows(
     teacher_dir: Path, rows: list[Row], n: int = 500, batch: int = 50, components: Components | None = None,
-    progress: bool = True, split: str = "test",
+    progress: bool = True, split: str = "test", decoder: str = "full",
 ) -> list[RowResult]:
     from tqdm import tqdm
 
-    components = components or load_components(Path(teacher_dir))
+    components = components or load_components(Path(teacher_dir), decoder=decoder)
     pipe = TextToImage(components)
     prompts, seeds = split_prompts(split, n)
     results = []

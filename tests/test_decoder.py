@@ -1,0 +1,170 @@
+"""The fast decoder (distill/decoder.py): training, loading, stock diffusers, service wiring."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from distill.decoder import DecoderConfig, build_pool, psnr, train_tiny_vae
+from flash.models import ModelError, load_components, load_family
+from flash.pipeline import TextToImage
+from flash.tiny import write_tiny_decoder, write_tiny_family
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    return write_tiny_family(tmp_path_factory.mktemp("fam") / "tiny")
+
+
+def small_config(family: Path, out: Path, **kw) -> DecoderConfig:
+    base = dict(family=str(family), out=str(out), channels=8, encoder_channels=8, pool_renders=32,
+                pool_students=48, holdout=16, batch_size=8, lr=3e-3, steps=60, checkpoint_every=20)
+    return DecoderConfig(**{**base, **kw})
+
+
+def test_pool_holds_renders_and_student_latents_with_full_decoder_targets(family, tmp_path):
+    cfg = small_config(family, tmp_path)
+    pool = build_pool(cfg)
+    full = load_components(family)
+    n = cfg.pool_renders + cfg.pool_students
+    assert pool["latents"].shape == (n, 4, 8, 8) and pool["images"].shape == (n, 3, 32, 32)
+    assert pool["renders"].shape == (cfg.pool_renders, 3, 32, 32)
+    # each target is the full decoder's image of its latent (student latents included)
+    z = pool["latents"][-4:]
+    with torch.no_grad():
+        ref = full.vae.decode(z / full.vae.config.scaling_factor).sample
+    assert torch.allclose(pool["images"][-4:], ref, atol=1e-5)
+
+
+def test_training_improves_on_the_untrained_decoder_and_writes_a_loadable_folder(family, tmp_path):
+    from diffusers import AutoencoderTiny
+    from safetensors.torch import load_file
+
+    from distill.decoder import build_tiny_vae
+
+    cfg = small_config(family, tmp_path)
+    folder = train_tiny_vae(cfg)
+    report = json.loads((folder / "train.json").read_text())
+    pool = load_file(tmp_path / "pool.safetensors")
+    torch.manual_seed(cfg.seed)
+    untrained = build_tiny_vae(cfg, 2)
+    with torch.no_grad():
+        before = psnr(untrained.decoder(pool["latents"]), pool["images"])
+    assert report["steps"] == 60
+    assert report["psnr_vs_full_decoder_db"] > before + 3, (before, report)
+    tiny = AutoencoderTiny.from_pretrained(folder)
+    assert tiny.config.scaling_factor == 1.0  # works on the U-Net's latents, like TAESD
+
+
+def test_training_resumes_from_its_checkpoint(family, tmp_path):
+    train_tiny_vae(small_config(family, tmp_path, steps=20))
+    assert json.loads((tmp_path / "ckpt" / "state.json").read_text())["step"] == 20
+    folder = train_tiny_vae(small_config(family, tmp_path, steps=40))
+    report = json.loads((folder / "train.json").read_text())
+    assert (report["resumed_from"], report["steps"]) == (20, 40)
+
+
+def test_load_family_with_the_tiny_decoder(family, tmp_path):
+    with pytest.raises(ModelError, match="vae_tiny"):
+        load_family(family, decoder="tiny")
+    with pytest.raises(ModelError, match="unknown decoder"):
+        load_components(family, decoder="small")
+    import shutil
+
+    fam = tmp_path / "fam"
+    shutil.copytree(family, fam)
+    write_tiny_decoder(fam)
+    f = load_family(fam, decoder="tiny")
+    assert type(f.teacher.vae).__name__ == "AutoencoderTiny"
+    t2i = TextToImage(f.teacher)
+    assert t2i.image_size == 32
+    images = t2i.decode(t2i.student_latents(f.students[1].unet, ["a red circle"], [0], [999]))
+    assert images.shape == (1, 32, 32, 3) and images.dtype == np.uint8
+
+
+def test_stock_pipeline_with_the_tiny_decoder_matches_the_project_path(family, tmp_path):
+    import shutil
+
+    from diffusers import AutoencoderTiny, StableDiffusionPipeline
+
+    fam = tmp_path / "fam"
+    shutil.copytree(family, fam)
+    write_tiny_decoder(fam)
+    pipe = StableDiffusionPipeline.from_pretrained(fam, vae=AutoencoderTiny.from_pretrained(fam / "vae_tiny"),
+                                                   safety_checker=None, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    stock = pipe(["a red circle"], num_inference_steps=10, guidance_scale=5.0,
+                 generator=[torch.Generator().manual_seed(3)], output_type="np").images
+    ours = TextToImage(load_components(fam, decoder="tiny"))
+    images = ours.decode(ours.teacher_latents(["a red circle"], [3], steps=10, guidance_scale=5.0))
+    assert np.abs((stock * 255).round().astype(int) - images.astype(int)).max() <= 1
+
+
+def test_service_setting_refuses_the_tiny_decoder_off_torch():
+    from pydantic import ValidationError
+
+    from service.config import Settings
+
+    assert Settings(decoder="tiny").decoder == "tiny"
+    with pytest.raises(ValidationError, match="torch backend only"):
+        Settings(decoder="tiny", backend="onnxruntime")
+
+
+def test_service_serves_images_through_the_tiny_decoder(family, tmp_path):
+    import base64
+    import io
+    import shutil
+
+    import httpx
+    from PIL import Image
+
+    from service.config import Settings
+    from service.testing import serve_in_thread
+
+    fam = tmp_path / "fam"
+    shutil.copytree(family, fam)
+    write_tiny_decoder(fam)
+    t2i = TextToImage(load_components(fam, decoder="tiny"))
+    s = load_family(fam).students[2]
+    expected = t2i.decode(t2i.student_latents(s.unet, ["a blue square"], [5], s.card.timesteps))[0]
+    settings = Settings(model_dir=fam, decoder="tiny", max_batch_size=4, log_level="warning")
+    with serve_in_thread(settings) as (url, _):
+        r = httpx.post(f"{url}/v1/images/generations", timeout=60,
+                       json={"prompt": "a blue square", "model": "flash-2step", "seed": 5, "steps": 2})
+        assert r.status_code == 200, r.text
+        image = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"]))).convert("RGB"))
+        metrics = httpx.get(f"{url}/metrics").text
+    assert np.abs(image.astype(int) - expected.astype(int)).max() <= 1
+    assert 'decoder="tiny"' in metrics
+
+
+def test_cli_distills_publishes_and_generates_with_the_tiny_decoder(family, tmp_path):
+    import shutil
+
+    from flash.cli import main
+
+    fam = tmp_path / "fam"
+    shutil.copytree(family, fam)
+    cfg = tmp_path / "decoder.json"
+    cfg.write_text(json.dumps({"channels": 8, "encoder_channels": 8, "pool_renders": 16, "pool_students": 16,
+                               "holdout": 8, "batch_size": 8}))
+    main(["distill-decoder", str(fam), "--config", str(cfg), "--out", str(tmp_path / "run"), "--steps", "3",
+          "--publish"])
+    assert (fam / "vae_tiny" / "diffusion_pytorch_model.safetensors").is_file()
+    assert json.loads((fam / "vae_tiny" / "train.json").read_text())["steps"] == 3
+    out = tmp_path / "fast.png"
+    main(["generate", "a red circle", "--model-dir", str(fam), "--steps", "1", "--decoder", "tiny", "--out", str(out)])
+    assert out.is_file()
+
+
+def test_cli_refuses_unknown_decoder_config_keys(family, tmp_path, capsys):
+    from flash.cli import main
+
+    cfg = tmp_path / "decoder.json"
+    cfg.write_text(json.dumps({"chanels": 8}))
+    with pytest.raises(SystemExit) as e:
+        main(["distill-decoder", str(family), "--config", str(cfg), "--out", str(tmp_path / "run")])
+    assert e.value.code == 2
+    assert "unknown decoder config keys ['chanels']" in capsys.readouterr().err
