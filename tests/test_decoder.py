@@ -31,6 +31,7 @@ def test_pool_holds_renders_and_student_latents_with_full_decoder_targets(family
     n = cfg.pool_renders + cfg.pool_students
     assert pool["latents"].shape == (n, 4, 8, 8) and pool["images"].shape == (n, 3, 32, 32)
     assert pool["renders"].shape == (cfg.pool_renders, 3, 32, 32)
+    assert pool["render_means"].shape == (cfg.pool_renders, 4, 8, 8)
     # each target is the full decoder's image of its latent (student latents included)
     z = pool["latents"][-4:]
     with torch.no_grad():
@@ -52,8 +53,10 @@ def test_training_improves_on_the_untrained_decoder_and_writes_a_loadable_folder
     untrained = build_tiny_vae(cfg, 2)
     with torch.no_grad():
         before = psnr(untrained.decoder(pool["latents"]), pool["images"])
+        enc_before = (untrained.encoder(pool["renders"]) - pool["render_means"]).pow(2).mean().item()
     assert report["steps"] == 60
     assert report["psnr_vs_full_decoder_db"] > before + 3, (before, report)
+    assert report["encoder_mse_vs_full_encoder_means"] < 0.5 * enc_before, (enc_before, report)
     tiny = AutoencoderTiny.from_pretrained(folder)
     assert tiny.config.scaling_factor == 1.0  # works on the U-Net's latents, like TAESD
 

@@ -50,3 +50,20 @@ def test_every_student_runs_in_a_stock_pipeline():
         n = len(pipe.scheduler.config.timesteps)
         image = pipe("a red circle", num_inference_steps=n, guidance_scale=1.0).images[0]
         assert image.size == (64, 64)
+
+
+@pytest.mark.skipif(not (FAMILY / "vae_tiny").is_dir(), reason="no fast decoder shipped (flash distill-decoder)")
+def test_the_shipped_fast_decoder_stays_close_to_the_full_one():
+    from flash.models import load_components, load_family
+    from flash.pipeline import TextToImage
+
+    fam = load_family(FAMILY)
+    full, fast = TextToImage(fam.teacher), TextToImage(load_components(FAMILY, decoder="tiny"))
+    s = fam.students[3]
+    prompts = ["a red circle above a blue square", "a small green triangle", "a large yellow square",
+               "a cyan circle to the left of a magenta triangle"]
+    with torch.no_grad():
+        lat = full.student_latents(s.unet, prompts, [0, 1, 2, 3], s.card.timesteps)
+    a, b = full.decode(lat).astype(np.float64), fast.decode(lat).astype(np.float64)
+    psnr = 10 * np.log10(255.0**2 / np.mean((a - b) ** 2))
+    assert psnr >= 27.0, psnr  # bench/decoder_quality.py measured ~30 dB on 100 test prompts
