@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-TINY_VAE = "vae_tiny"
+from flash.models import TINY_VAE
 
 
 @dataclass

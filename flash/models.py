@@ -160,10 +160,10 @@ def load_components(path: Path, dtype: torch.dtype = torch.float32, decoder: str
     `decoder="tiny"` puts the family's fast decoder (`vae_tiny/`) in place of the full VAE.
     """
     from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel, CLIPTokenizer
 
     if decoder not in DECODERS:
         raise ModelError(f"unknown decoder {decoder!r}; allowed: {', '.join(DECODERS)}")
-    from transformers import CLIPTextModel, CLIPTokenizer
 
     path = Path(path)
     for sub in ("tokenizer", "text_encoder", "unet", "vae", "scheduler"):
