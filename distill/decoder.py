@@ -8,7 +8,9 @@ the full encoder's scaled posterior means, so stock diffusers can use it too:
 
     StableDiffusionPipeline.from_pretrained(family, vae=AutoencoderTiny.from_pretrained(family / "vae_tiny"))
 
-Its `scaling_factor` is 1: it works on the U-Net's (scaled) latents directly, like TAESD.
+Like any diffusers VAE it is called as `decode(latents / scaling_factor)`; its `scaling_factor`
+(`DecoderConfig.latent_scale`) shrinks the U-Net's latents into the near-linear range of the
+AutoencoderTiny's input clamp.
 Training data is a fixed pool made once: rendered scenes through the full encoder, and latents
 the family's students generate (what the service actually decodes); each pool latent's target
 is the full decoder's image. A held-out slice of the pool gives the PSNR written to train.json.
@@ -22,7 +24,6 @@ import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -37,6 +38,11 @@ class DecoderConfig:
     seed: int = 0
     channels: int = 16  # every decoder stage has this width (AutoencoderTiny's layout)
     blocks: tuple[int, ...] = (3, 3, 0)  # AutoencoderTinyBlocks per resolution, low to high
+    upsample: str = "nearest"  # torch interpolation mode between resolutions: nearest or bilinear
+    # the tiny VAE's scaling_factor: its decoder sees the U-Net's latents divided by it (as every
+    # diffusers pipeline divides), keeping few-step students' latents (std ~1.2, 8% beyond 2) inside
+    # the near-linear part of AutoencoderTiny's tanh(x / 3) * 3 input clamp
+    latent_scale: float = 2.0
     encoder_channels: int = 32
     encoder_blocks: tuple[int, ...] = (1, 1, 1)
     pool_renders: int = 2048  # rendered scenes, through the full encoder
@@ -53,6 +59,10 @@ class DecoderConfig:
         self.encoder_blocks = tuple(self.encoder_blocks)
         if self.channels < 1 or self.encoder_channels < 1:
             raise ValueError("channels and encoder_channels must be >= 1")
+        if self.latent_scale <= 0:
+            raise ValueError(f"latent_scale must be > 0, got {self.latent_scale}")
+        if self.upsample not in ("nearest", "bilinear"):
+            raise ValueError(f"upsample must be nearest or bilinear, got {self.upsample!r}")
         if self.holdout >= self.pool_renders + self.pool_students:
             raise ValueError("holdout must be smaller than the pool")
 
@@ -82,7 +92,8 @@ def build_tiny_vae(cfg: DecoderConfig, upsamplings: int):
         num_decoder_blocks=cfg.blocks,
         latent_channels=4,
         upsampling_scaling_factor=2,
-        scaling_factor=1.0,
+        upsample_fn=cfg.upsample,
+        scaling_factor=cfg.latent_scale,
     )
 
 
@@ -140,13 +151,15 @@ def encoder_means(vae, images: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 def decoder_loss(tiny, z: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-sample MSE between the tiny decoder's image and the full decoder's."""
-    return (tiny.decoder(z) - target).pow(2).mean(dim=(1, 2, 3))
+    """Per-sample MSE between the tiny decoder's image of U-Net latents `z` and the full decoder's."""
+    return (tiny.decoder(z / tiny.config.scaling_factor) - target).pow(2).mean(dim=(1, 2, 3))
 
 
 def encoder_loss(tiny, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """Per-sample MSE between the tiny encoder's latents and the full encoder's (scaled)."""
-    return (tiny.encoder(x) - z).pow(2).mean(dim=(1, 2, 3))
+    """Per-sample MSE, in U-Net latent units, between the tiny encoder's latents and the full
+    encoder's posterior means `z`."""
+    sf = tiny.config.scaling_factor
+    return (tiny.encoder(x) * sf - z).pow(2).mean(dim=(1, 2, 3))
 
 
 def train_tiny_vae(cfg: DecoderConfig) -> Path:
@@ -208,7 +221,8 @@ def train_tiny_vae(cfg: DecoderConfig) -> Path:
     tiny.eval()
     with torch.no_grad():
         zh, yh = pool["latents"][held], pool["images"][held]
-        report = {"steps": done, "resumed_from": resumed_from, "holdout": len(held), "psnr_vs_full_decoder_db": round(psnr(tiny.decoder(zh), yh), 2)}
+        psnr_db = round(psnr(tiny.decoder(zh / tiny.config.scaling_factor), yh), 2)
+        report = {"steps": done, "resumed_from": resumed_from, "holdout": len(held), "psnr_vs_full_decoder_db": psnr_db}
         src = held[held < n_src]
         report["encoder_mse_vs_full_encoder_means"] = round(
             encoder_loss(tiny, pool["renders"][src], pool["render_means"][src]).mean().item(), 5
@@ -219,9 +233,3 @@ def train_tiny_vae(cfg: DecoderConfig) -> Path:
     print(json.dumps(report))
     return folder
 
-
-def tiny_decoder_images(tiny, latents: torch.Tensor) -> np.ndarray:
-    """uint8 [B, H, W, 3] from the tiny decoder (for quick looks; the pipeline decodes the same way)."""
-    with torch.no_grad():
-        img = tiny.decode(latents, return_dict=False)[0]
-    return ((img / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)

@@ -106,5 +106,6 @@ def write_tiny_decoder(family: Path, seed: int = 0) -> Path:
         num_encoder_blocks=(1, 1, 1),
         num_decoder_blocks=(1, 1, 0),
         upsampling_scaling_factor=2,
+        scaling_factor=2.0,  # not 1, so a path that forgets to divide by it shows
     ).save_pretrained(folder)
     return folder

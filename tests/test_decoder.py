@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from distill.decoder import DecoderConfig, build_pool, psnr, train_tiny_vae
+from distill.decoder import DecoderConfig, build_pool, encoder_loss, psnr, train_tiny_vae
 from flash.models import ModelError, load_components, load_family
 from flash.pipeline import TextToImage
 from flash.tiny import write_tiny_decoder, write_tiny_family
@@ -52,13 +52,14 @@ def test_training_improves_on_the_untrained_decoder_and_writes_a_loadable_folder
     torch.manual_seed(cfg.seed)
     untrained = build_tiny_vae(cfg, 2)
     with torch.no_grad():
-        before = psnr(untrained.decoder(pool["latents"]), pool["images"])
-        enc_before = (untrained.encoder(pool["renders"]) - pool["render_means"]).pow(2).mean().item()
+        before = psnr(untrained.decoder(pool["latents"] / cfg.latent_scale), pool["images"])
+        enc_before = encoder_loss(untrained, pool["renders"], pool["render_means"]).mean().item()
     assert report["steps"] == 60
     assert report["psnr_vs_full_decoder_db"] > before + 3, (before, report)
     assert report["encoder_mse_vs_full_encoder_means"] < 0.5 * enc_before, (enc_before, report)
     tiny = AutoencoderTiny.from_pretrained(folder)
-    assert tiny.config.scaling_factor == 1.0  # works on the U-Net's latents, like TAESD
+    # called as every diffusers VAE is, decode(latents / scaling_factor)
+    assert tiny.config.scaling_factor == cfg.latent_scale == 2.0
 
 
 def test_training_resumes_from_its_checkpoint(family, tmp_path):
@@ -185,3 +186,12 @@ def test_decoder_quality_bench_runs_on_a_tiny_family():
     # a random fast decoder is nowhere near the full one: the bench must say so
     assert all(r["psnr_db"] < 20 for r in out["quality"].values())
     assert set(out["decode_ms"]) == {1, 2}
+
+
+def test_decoder_config_names_the_allowed_values():
+    with pytest.raises(ValueError, match="nearest or bilinear"):
+        DecoderConfig(upsample="cubic")
+    with pytest.raises(ValueError, match="latent_scale"):
+        DecoderConfig(latent_scale=0)
+    with pytest.raises(ValueError, match="holdout"):
+        DecoderConfig(pool_renders=8, pool_students=8, holdout=16)
