@@ -59,7 +59,7 @@ def test_training_improves_on_the_untrained_decoder_and_writes_a_loadable_folder
     assert report["encoder_mse_vs_full_encoder_means"] < 0.5 * enc_before, (enc_before, report)
     tiny = AutoencoderTiny.from_pretrained(folder)
     # called as every diffusers VAE is, decode(latents / scaling_factor)
-    assert tiny.config.scaling_factor == cfg.latent_scale == 2.0
+    assert tiny.config.scaling_factor == cfg.latent_scale == 1.0
 
 
 def test_training_resumes_from_its_checkpoint(family, tmp_path):
