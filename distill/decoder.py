@@ -218,6 +218,8 @@ def train_tiny_vae(cfg: DecoderConfig) -> Path:
             save_checkpoint(ckpt, done, {"tiny": tiny}, {"opt": opt})
         if cfg.minutes and time.monotonic() - start > cfg.minutes * 60:
             break
+    if done > resumed_from and done % cfg.checkpoint_every:  # stopped between checkpoints: keep the last step
+        save_checkpoint(ckpt, done, {"tiny": tiny}, {"opt": opt})
     tiny.eval()
     with torch.no_grad():
         zh, yh = pool["latents"][held], pool["images"][held]

@@ -63,11 +63,11 @@ def test_training_improves_on_the_untrained_decoder_and_writes_a_loadable_folder
 
 
 def test_training_resumes_from_its_checkpoint(family, tmp_path):
-    train_tiny_vae(small_config(family, tmp_path, steps=20))
-    assert json.loads((tmp_path / "ckpt" / "state.json").read_text())["step"] == 20
+    train_tiny_vae(small_config(family, tmp_path, steps=25))  # checkpoints at 20, and at the stop
+    assert json.loads((tmp_path / "ckpt" / "state.json").read_text())["step"] == 25
     folder = train_tiny_vae(small_config(family, tmp_path, steps=40))
     report = json.loads((folder / "train.json").read_text())
-    assert (report["resumed_from"], report["steps"]) == (20, 40)
+    assert (report["resumed_from"], report["steps"]) == (25, 40)
 
 
 def test_load_family_with_the_tiny_decoder(family, tmp_path):
