@@ -7,10 +7,10 @@ the values in `configs/shapes64-*.json`, recorded in each student's flash.json.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from flash.config import load_config
 from flash.pipeline import COMPILE_MODES
 from flash.schedule import validate_timesteps
 from flash.scheduler import DEFAULT_TIMESTEPS
@@ -110,13 +110,7 @@ class DistillConfig:
 
     @classmethod
     def load(cls, path: str | Path | None, **overrides) -> DistillConfig:
-        data = json.loads(Path(path).read_text()) if path else {}
-        known = {f.name for f in fields(cls)}
-        unknown = sorted((set(data) | set(overrides)) - known)
-        if unknown:
-            raise ValueError(f"unknown distill config keys {unknown}; allowed: {sorted(known)}")
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**data)
+        return load_config(cls, path, "distill config", **overrides)
 
     def to_dict(self) -> dict:
         return asdict(self)

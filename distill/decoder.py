@@ -20,13 +20,14 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from flash.config import load_config
 from flash.models import TINY_VAE
 
 
@@ -68,13 +69,7 @@ class DecoderConfig:
 
     @classmethod
     def load(cls, path: str | Path | None, **overrides) -> DecoderConfig:
-        data = json.loads(Path(path).read_text()) if path else {}
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown decoder config keys {unknown}; allowed: {sorted(known)}")
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**data)
+        return load_config(cls, path, "decoder config", **overrides)
 
 
 def build_tiny_vae(cfg: DecoderConfig, upsamplings: int):

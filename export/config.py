@@ -8,10 +8,11 @@ fp32 and pipeline images within 2/255 per pixel.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from flash.config import load_config
 
 EXPORTERS = ("legacy", "dynamo")
 COMPONENTS = ("text_encoder", "vae_decoder", "unet")  # "unet": the teacher's and every student's
@@ -125,10 +126,4 @@ class ExportConfig:
     @classmethod
     def load(cls, path: str | Path | None = None, **overrides: Any) -> ExportConfig:
         """From a JSON file (optional), then non-None keyword overrides; unknown keys are refused."""
-        data: dict[str, Any] = json.loads(Path(path).read_text()) if path else {}
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown ExportConfig keys {unknown}; allowed: {', '.join(sorted(known))}")
-        return cls(**data)
+        return load_config(cls, path, "ExportConfig", **overrides)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from flash.config import load_config
 
 
 @dataclass
@@ -58,13 +59,7 @@ class TeacherConfig:
 
     @classmethod
     def load(cls, path: str | Path, **overrides) -> TeacherConfig:
-        data = json.loads(Path(path).read_text()) if path else {}
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown teacher config keys {unknown}; allowed: {sorted(known)}")
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**data)
+        return load_config(cls, path, "teacher config", **overrides)
 
     def to_dict(self) -> dict:
         return asdict(self)
