@@ -119,13 +119,11 @@ def build_pool(cfg: DecoderConfig) -> dict[str, torch.Tensor]:
         z = vae.encode(x).latent_dist.sample() * sf
         lat.append(z)
         src.append(x)
-    students = [fam.students[k] for k in sorted(fam.students)]
+    students = [fam.students[k] for k in sorted(fam.students)]  # in turn, one batch each
     prompts = shapes.eval_prompts(cfg.pool_students, seed=cfg.seed + 77)
     per = cfg.batch_size
-    for i in tqdm(range(0, cfg.pool_students, per), desc="pool: students", dynamic_ncols=True):
-        s = students[(i // per) % len(students)] if students else None
-        if s is None:
-            break
+    for i in tqdm(range(0, cfg.pool_students if students else 0, per), desc="pool: students", dynamic_ncols=True):
+        s = students[(i // per) % len(students)]
         batch = prompts[i : i + per]
         seeds = [cfg.seed * 1_000_003 + 5_000_000 + i + j for j in range(len(batch))]
         lat.append(pipe.student_latents(s.unet, batch, seeds, s.card.timesteps, s.card.noise_correction))
@@ -167,15 +165,13 @@ def train_tiny_vae(cfg: DecoderConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
     torch.manual_seed(cfg.seed)
-    full = AutoencoderKL.from_pretrained(Path(cfg.family) / "vae")
-    tiny = build_tiny_vae(cfg, len(full.config.block_out_channels) - 1)
+    full = AutoencoderKL.load_config(Path(cfg.family) / "vae")  # only its shape: upsamplings
+    tiny = build_tiny_vae(cfg, len(full["block_out_channels"]) - 1)
     pool_file = out / "pool.safetensors"
     if pool_file.is_file():
         from safetensors.torch import load_file
 
         pool = load_file(pool_file)
-        if "render_means" not in pool:  # a pool made before the encoder's targets were means
-            pool["render_means"] = encoder_means(full, pool["renders"], cfg.batch_size)
     else:
         from safetensors.torch import save_file
 

@@ -83,21 +83,14 @@ def _cmd_distill(a: argparse.Namespace) -> None:
 
 
 def _cmd_distill_decoder(a: argparse.Namespace) -> None:
-    import shutil
-
     from distill.decoder import DecoderConfig, train_tiny_vae
-    from flash.checkpoint import replace_dir
-    from flash.models import TINY_VAE
+    from flash.models import publish_tiny_vae
 
     family = Path(a.model_dir)
     cfg = DecoderConfig.load(a.config, family=str(family), out=a.out, steps=a.steps, minutes=a.minutes)
     folder = train_tiny_vae(cfg)
     if a.publish:
-        tmp = family / (TINY_VAE + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(folder, tmp)
-        replace_dir(tmp, family / TINY_VAE)
-        print(f"published {family / TINY_VAE}")
+        print(f"published {publish_tiny_vae(folder, family)}")
     print(f"fast decoder written to {folder}")
 
 

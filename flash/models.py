@@ -23,7 +23,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -33,7 +33,8 @@ from flash.schedule import validate_timesteps
 CARD = "flash.json"
 STUDENTS = "students"
 TINY_VAE = "vae_tiny"  # optional fast decoder beside the teacher (diffusers AutoencoderTiny, distill/decoder.py)
-DECODERS = ("full", "tiny")
+Decoder = Literal["full", "tiny"]  # the family's VAE decoder, or its fast one (TINY_VAE)
+DECODERS: tuple[str, ...] = get_args(Decoder)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
@@ -286,19 +287,30 @@ def folder_sha256(folder: Path) -> str:
     return h.hexdigest()
 
 
-def publish_student(student_dir: Path, family: Path) -> Path:
-    """Copy a finished student into `family/students/<n>-step`, replacing any old one atomically."""
+def publish_tiny_vae(folder: Path, family: Path) -> Path:
+    """Copy a fast decoder (made by `flash distill-decoder`) into `family/vae_tiny`, atomically."""
+    return _copy_into(folder, Path(family) / TINY_VAE)
+
+
+def _copy_into(src: Path, dest: Path, card: BaseModel | None = None) -> Path:
+    """Copy `src` to `dest` (weights checked first; `card` written into the copy), replacing any old
+    `dest` atomically."""
     import shutil
 
     from flash.checkpoint import replace_dir
 
-    card = read_student_card(student_dir)
-    check_weights(student_dir)
-    dest = Path(family) / STUDENTS / f"{card.steps}-step"
+    check_weights(src)
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(student_dir, tmp)
-    card = card.model_copy(update={"teacher": "../.."})
-    write_card(tmp, card)
+    shutil.copytree(src, tmp)
+    if card is not None:
+        write_card(tmp, card)
     replace_dir(tmp, dest)
     return dest
+
+
+def publish_student(student_dir: Path, family: Path) -> Path:
+    """Copy a finished student into `family/students/<n>-step`, replacing any old one atomically."""
+    card = read_student_card(student_dir)
+    dest = Path(family) / STUDENTS / f"{card.steps}-step"
+    return _copy_into(student_dir, dest, card.model_copy(update={"teacher": "../.."}))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from flash.models import Components, save_components
+from flash.models import TINY_VAE, Components, save_components
 from flash.tokenizer import build_clip_tokenizer
 
 SD_SCHEDULER_CONFIG = {
@@ -99,7 +99,7 @@ def write_tiny_decoder(family: Path, seed: int = 0) -> Path:
     from diffusers import AutoencoderTiny
 
     torch.manual_seed(seed)
-    folder = Path(family) / "vae_tiny"
+    folder = Path(family) / TINY_VAE
     AutoencoderTiny(
         encoder_block_out_channels=(8, 8, 8),
         decoder_block_out_channels=(8, 8, 8),

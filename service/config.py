@@ -17,6 +17,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from flash.models import Decoder
 from flash.pipeline import CompileMode
 
 DEVICE_PATTERN = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
@@ -105,7 +106,7 @@ class Settings(BaseSettings):
         description="torch.compile mode for the torch backend's U-Nets (reduce-overhead adds CUDA graphs); "
         "batches are padded to power-of-two buckets so each compiles once, during warm-up.",
     )
-    decoder: Literal["full", "tiny"] = Field(
+    decoder: Decoder = Field(
         "full",
         description="full: the family's VAE decoder; tiny: its fast decoder (vae_tiny/, made by "
         "`flash distill-decoder`; a few ms cheaper per image, its quality in docs/results.md). torch backend only.",

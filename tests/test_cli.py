@@ -127,3 +127,23 @@ def test_distill_publishes_a_student_into_the_family(tmp_path):
     card = json.loads((fam / "students" / "2-step" / "flash.json").read_text())
     assert card["distill"]["trained_steps"] == 1 and card["teacher"] == "../.."
     assert set(card["eval"]["alignment"]) >= {"overall", "spatial"} and card["eval"]["split"] == "validation"
+
+
+def test_eval_decodes_with_the_fast_decoder_when_asked(family64, tmp_path, monkeypatch):
+    import shutil
+
+    from flash.eval import run
+    from flash.tiny import write_tiny_decoder
+
+    fam = tmp_path / "fam"
+    shutil.copytree(family64, fam)
+    write_tiny_decoder(fam)
+    seen = []
+    monkeypatch.setattr(run, "generate", lambda pipe, row, ps, seeds, student=None: (
+        seen.append(type(pipe.c.vae).__name__) or np.zeros((len(ps), 64, 64, 3), np.uint8)))
+    rows = [r for r in run.default_rows(fam) if r.name == "Imagine Flash, 3-step"]
+    run.evaluate_rows(fam, rows, n=4, batch=4, progress=False, decoder="tiny")
+    run.evaluate_rows(fam, rows, n=4, batch=4, progress=False)
+    assert seen == ["AutoencoderTiny", "AutoencoderKL"]
+    r = flash("eval", str(fam), "--n", "4", "--decoder", "tiny", "--update-card")
+    assert r.returncode == 2 and "full decoder" in r.stderr
