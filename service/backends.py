@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from flash.models import Family
-from flash.pipeline import TextToImage, unet_denoiser
+from flash.pipeline import TextToImage, compiled_unet_denoiser, unet_denoiser
 
 if TYPE_CHECKING:
     from service.config import Settings
@@ -117,17 +117,14 @@ def torch_backends(family: Family, settings: Settings) -> FamilyBackends:
     buckets = batch_buckets(2 * getattr(settings, "max_batch_size", 16))
 
     def for_unet(unet) -> TorchBackend:
-        denoiser = unet_denoiser(unet)
-        if mode != "off":
-            denoiser = padded_to_buckets(unet_denoiser(torch.compile(unet, mode=mode, dynamic=False)), buckets)
+        if mode == "off":
+            denoiser = unet_denoiser(unet)
+        else:  # each call a new CUDA-graph step, its output a copy (flash.pipeline)
+            denoiser = padded_to_buckets(compiled_unet_denoiser(unet, mode), buckets)
 
         @torch.no_grad()
         def denoise(x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
-            if mode == "off":
-                return denoiser(x.to(dtype), t, cond.to(dtype)).float()
-            torch.compiler.cudagraph_mark_step_begin()  # a new inference step (CUDA graph trees)
-            # a copy: a graph's output buffer is overwritten by its next replay
-            return denoiser(x.to(dtype), t, cond.to(dtype)).to(torch.float32, copy=True)
+            return denoiser(x.to(dtype), t, cond.to(dtype)).float()
 
         return TorchBackend(encode=lambda p: t2i.encode(p).float(), denoise=denoise, decode=t2i.decode)
 
