@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from distill.decoder import DecoderConfig, build_pool, encoder_loss, psnr, train_tiny_vae
+from distill.decoder import DecoderConfig, build_pool, decoder_loss, encoder_loss, psnr, train_tiny_vae
 from flash.models import ModelError, load_components, load_family
 from flash.pipeline import TextToImage
 from flash.tiny import write_tiny_decoder, write_tiny_family
@@ -195,3 +195,28 @@ def test_decoder_config_names_the_allowed_values():
         DecoderConfig(latent_scale=0)
     with pytest.raises(ValueError, match="holdout"):
         DecoderConfig(pool_renders=8, pool_students=8, holdout=16)
+    with pytest.raises(ValueError, match="edge_weight"):
+        DecoderConfig(edge_weight=-1)
+
+
+class _Identity:
+    """A stand-in tiny VAE whose decoder returns its latents: the loss sees the image it is given."""
+
+    class config:
+        scaling_factor = 1.0
+
+    @staticmethod
+    def decoder(z):
+        return z
+
+
+def test_edge_term_weighs_blurred_outlines_and_ignores_flat_offsets():
+    target = torch.zeros(1, 3, 16, 16)
+    target[..., 4:12, 4:12] = 1.0  # a square
+    blurred = torch.nn.functional.avg_pool2d(target, 3, stride=1, padding=1, count_include_pad=False)
+    offset = target + (blurred - target).pow(2).mean().sqrt()  # the same pixel MSE, no edge change
+    mse = [decoder_loss(_Identity, x, target).item() for x in (blurred, offset)]
+    assert mse[0] == pytest.approx(mse[1], rel=1e-4)
+    with_edges = [decoder_loss(_Identity, x, target, edge_weight=1.0).item() for x in (blurred, offset)]
+    assert with_edges[1] == pytest.approx(mse[1], abs=1e-7)  # a flat offset keeps every outline
+    assert with_edges[0] - mse[0] > 0.1 * mse[0]  # the blur softens them, and the term says so
