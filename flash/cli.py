@@ -30,6 +30,15 @@ class CliError(Exception):
     """A user-facing failure: printed as one line, exit code 2."""
 
 
+def _family_guidance(family: Path) -> float:
+    """The family card's classifier-free guidance scale for its teacher (FamilyCard's default
+    for a folder without a card)."""
+    from flash.models import CARD, FamilyCard
+
+    card = family / CARD
+    return (FamilyCard.model_validate_json(card.read_text()) if card.is_file() else FamilyCard()).guidance_scale
+
+
 def _cmd_generate(a: argparse.Namespace) -> None:
     import numpy as np
 
@@ -43,7 +52,8 @@ def _cmd_generate(a: argparse.Namespace) -> None:
     seeds = [a.seed + i for i in range(a.n)]
     prompts = [a.prompt] * a.n
     if a.model == "teacher":
-        lat = pipe.teacher_latents(prompts, seeds, a.steps or 25, a.guidance_scale, a.scheduler)
+        guidance = _family_guidance(family) if a.guidance_scale is None else a.guidance_scale
+        lat = pipe.teacher_latents(prompts, seeds, a.steps or 25, guidance, a.scheduler)
     else:
         steps = a.steps or 3
         folder = family / "students" / f"{steps}-step"
@@ -104,13 +114,21 @@ def _cmd_eval(a: argparse.Namespace) -> None:
         raise CliError("the card and the report carry the test split's figures: leave out --split")
     if a.decoder != "full" and (a.update_card or a.report):
         raise CliError("the card and the report carry the full decoder's figures: leave out --decoder")
-    rows = default_rows(family, noise_correction_off=a.noise_correction_off)
+    guidance = _family_guidance(family)
+    if a.guidance_scale is not None and a.guidance_scale != guidance and (a.update_card or a.report):
+        raise CliError(f"the card and the report carry the family's own guidance scale ({guidance:g}): "
+                       "leave out --guidance-scale")  # fmt: skip
+    if a.guidance_scale is not None:
+        guidance = a.guidance_scale
+    rows = default_rows(family, guidance, noise_correction_off=a.noise_correction_off)
     if a.rows:
         rows = [r for r in rows if any(key in r.name for key in a.rows)]
     rows += extra_student_rows(a.student or [])
     if not rows:
         raise CliError("no rows to evaluate")
     results = evaluate_rows(family, rows, n=a.n, batch=a.batch, split=a.split, decoder=a.decoder)
+    if any(r.kind == "teacher" for r in rows):
+        print(f"teacher rows: classifier-free guidance {guidance:g}")
     print(results_table(results))
     if a.json:
         data = [{"row": r.row.__dict__, "metrics": r.metrics, "seconds_per_image": r.seconds_per_image} for r in results]
@@ -155,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, default=None, help="teacher: solver steps (25); flash: 1, 2 or 3 (3)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--n", type=int, default=1, help="images (seeds seed..seed+n-1), saved side by side")
-    g.add_argument("--guidance-scale", type=float, default=5.0, help="teacher only")
+    g.add_argument("--guidance-scale", type=float, default=None, help="teacher only (default: the family card's)")
     g.add_argument("--scheduler", default="dpmsolver++", choices=["dpmsolver++", "ddim", "euler"], help="teacher only")
     g.add_argument("--no-noise-correction", action="store_true", help="students: switch noise correction off")
     g.add_argument("--decoder", choices=["full", "tiny"], default="full",
@@ -204,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="test: the fixed prompts of every reported figure; validation: other prompts and x_T, "
                    "for choosing checkpoints or settings without the test prompts (default: %(default)s)")
     e.add_argument("--batch", type=int, default=50)
+    e.add_argument("--guidance-scale", type=float, default=None,
+                   help="the teacher rows' classifier-free guidance (default: the family card's)")
     e.add_argument("--decoder", choices=["full", "tiny"], default="full",
                    help="decode with the full VAE or the family's fast decoder (vae_tiny/)")
     e.add_argument("--rows", nargs="*", help="keep only rows whose name contains one of these")

@@ -44,6 +44,25 @@ def test_generate_teacher_and_student(family64, tmp_path):
     assert Image.open(out2).size == (192, 64)
 
 
+def test_generate_guides_the_teacher_with_the_family_cards_scale(family64, tmp_path):
+    import shutil
+
+    from flash.models import CARD
+
+    fam = tmp_path / "fam"
+    shutil.copytree(family64, fam)
+    card = json.loads((fam / CARD).read_text())
+    (fam / CARD).write_text(json.dumps({**card, "guidance_scale": 2.0}))
+    images = {}
+    for name, extra in [("card", []), ("same", ["--guidance-scale", "2"]), ("other", ["--guidance-scale", "5"])]:
+        out = tmp_path / f"{name}.png"
+        r = flash("generate", "a red circle", "--model", "teacher", "--steps", "2", "--model-dir", str(fam),
+                  "--out", str(out), *extra)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        images[name] = np.asarray(Image.open(out))
+    assert np.array_equal(images["card"], images["same"]) and not np.array_equal(images["card"], images["other"])
+
+
 def test_errors_are_one_line_and_nonzero(tmp_path):
     r = flash("generate", "a red circle", "--model-dir", str(tmp_path / "nope"), "--out", str(tmp_path / "x.png"))
     assert r.returncode == 2
@@ -114,6 +133,22 @@ def test_eval_validation_split_draws_other_prompts_and_noise(family64, tmp_path,
         run.split_prompts("train", 4)
     r = flash("eval", str(family64), "--n", "4", "--split", "validation", "--report", str(tmp_path / "r.md"))
     assert r.returncode == 2 and "test split" in r.stderr and not (tmp_path / "r.md").exists()
+
+
+def test_eval_guidance_scale_defaults_to_the_family_card(family64, tmp_path):
+    from flash.models import CARD
+
+    assert json.loads((family64 / CARD).read_text())["guidance_scale"] == 5.0
+    guidance = {}
+    for extra in ([], ["--guidance-scale", "7.5"]):
+        out = tmp_path / f"e{len(extra)}.json"
+        r = flash("eval", str(family64), "--n", "2", "--rows", "25 DPM", "--json", str(out), *extra)
+        assert r.returncode == 0, r.stderr[-2000:]
+        guidance[len(extra)] = [row["row"]["guidance_scale"] for row in json.loads(out.read_text())]
+        assert f"classifier-free guidance {guidance[len(extra)][0]:g}" in r.stdout
+    assert guidance == {0: [5.0], 2: [7.5]}
+    r = flash("eval", str(family64), "--n", "2", "--guidance-scale", "7.5", "--update-card")
+    assert r.returncode == 2 and "guidance scale (5)" in r.stderr
 
 
 def test_distill_publishes_a_student_into_the_family(tmp_path):
