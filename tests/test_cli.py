@@ -182,3 +182,10 @@ def test_eval_decodes_with_the_fast_decoder_when_asked(family64, tmp_path, monke
     assert seen == ["AutoencoderTiny", "AutoencoderKL"]
     r = flash("eval", str(fam), "--n", "4", "--decoder", "tiny", "--update-card")
     assert r.returncode == 2 and "full decoder" in r.stderr
+
+
+def test_loss_curves_are_running_means():
+    from flash.eval.report import running_mean
+
+    assert running_mean([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    assert running_mean([2.0, 4.0], 20) == [2.0, 3.0]

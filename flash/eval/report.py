@@ -54,6 +54,18 @@ def plot_steps(results: list[RowResult], out: Path) -> None:
     plt.close(fig)
 
 
+SMOOTH = 20  # logged values per point of the loss curves (batches of 16 make single values noisy)
+
+
+def running_mean(values: list[float], k: int) -> list[float]:
+    """Mean of each value and up to k - 1 before it (the first points average fewer)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - k] if i >= k else 0.0)
+        out.append(total / min(i + 1, k))
+    return out
+
+
 def plot_losses(runs: dict[str, Path], out: Path) -> bool:
     """Loss curves from each run folder's loss.jsonl; False when there is nothing to plot."""
     import matplotlib
@@ -70,15 +82,16 @@ def plot_losses(runs: dict[str, Path], out: Path) -> bool:
                 series[name] = rows
     if not series:
         return False
-    fig, ax = plt.subplots(figsize=(6, 3.2))
+    fig, ax = plt.subplots(figsize=(7, 3.2 + 0.22 * len(series)))
     for name, rows in series.items():
         for key in ("loss", "rec"):
             if key in rows[0]:
-                ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=f"{name} ({key})")
+                steps, values = [r["step"] for r in rows], running_mean([r[key] for r in rows], SMOOTH)
+                ax.plot(steps, values, label=f"{name} ({key})")
     ax.set_yscale("log")
-    ax.set_xlabel("step")
+    ax.set_xlabel(f"step (running mean over {SMOOTH} logged values)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=1, frameon=False)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
