@@ -246,7 +246,8 @@ def create_app(settings: Settings, seed_source: Callable[[], int] | None = None)
         With FLASH_MODEL_ROOT set, only folders inside it load."""
         check_json_content_type(request.headers.get("content-type"))
         raw = (await request.body()).strip()
-        body = ReloadRequest.model_validate_json(raw) if raw not in (b"", b"null") else ReloadRequest()
+        # no body: the defaults; anything else must be the documented object (`null` too is refused)
+        body = ReloadRequest.model_validate_json(raw) if raw else ReloadRequest()
         model_dir = confine(body.model_dir, settings.model_root) if body.model_dir is not None else None
         if not body.wait:
             engine.reload_in_background(model_dir)

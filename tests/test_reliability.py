@@ -152,6 +152,15 @@ def test_reload_with_missing_weights_keeps_the_old_version(server, family, tmp_p
     assert httpx.post(f"{url}{GEN}", json={"prompt": "old model"}, timeout=60).status_code == 200
 
 
+@pytest.mark.parametrize("body", [b"null", b"[]", b'{"wait": "later"}'])
+def test_reload_refuses_a_body_that_is_not_its_object(server, body):
+    url, _ = server
+    admin = {"Authorization": "Bearer adm", **JSON}
+    before = httpx.get(f"{url}/health/ready", timeout=10).json()["version"]
+    assert_error(httpx.post(f"{url}/admin/reload", content=body, headers=admin, timeout=30), 422, "invalid_value")
+    assert httpx.get(f"{url}/health/ready", timeout=10).json() == {"status": "ready", "version": before}
+
+
 @pytest.mark.parametrize("breakage", ["pickle", "truncated"])
 def test_a_broken_family_is_refused_at_start_with_a_clear_message(family, tmp_path, breakage):
     broken = tmp_path / "broken"
