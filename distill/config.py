@@ -28,6 +28,9 @@ class DistillConfig:
     timesteps: list[int] = field(default_factory=list)  # empty: the paper's schedule for `steps`
     seed: int = 0
     student_init: str = ""  # U-Net or student folder to start from; "": the teacher's U-Net (the paper)
+    # another run's checkpoint folder (its ckpt/) to continue from while `out` has none: a fork of
+    # that run (weights, EMA, discriminator, optimizers, step, minutes) under this config's settings
+    resume_from: str = ""
     save_dtype: str = "float32"  # weights of the finished student: float32, float16 or bfloat16
 
     # data

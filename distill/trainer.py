@@ -266,8 +266,11 @@ def distill(cfg: DistillConfig, progress: bool = True) -> Path:
     m = build_models(cfg, accelerator)
     ckpt = out / "ckpt"
     step, earlier = 0, 0.0  # earlier: minutes trained before a resume
-    if ckpt.is_dir():
-        step, meta = load_checkpoint(ckpt, _modules(m, accelerator), _optimizers(m))
+    start_from = ckpt if ckpt.is_dir() else Path(cfg.resume_from) if cfg.resume_from else None
+    if start_from is not None:
+        if not start_from.is_dir():
+            raise ValueError(f"resume_from {start_from} is not a checkpoint folder (a run's ckpt/)")
+        step, meta = load_checkpoint(start_from, _modules(m, accelerator), _optimizers(m))
         earlier = meta.get("minutes", 0.0)
     # ...but each rank draws its own noise and prompts
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + step * 7 + accelerator.process_index)

@@ -179,6 +179,21 @@ def test_distill_loop_checkpoints_resumes_and_writes_a_student(family, tmp_path)
     assert resumed.distill["trained_steps"] == 3 and 100.0 <= resumed.distill["minutes"] < 110  # minutes add up
 
 
+def test_resume_from_forks_another_runs_checkpoint_and_leaves_it_alone(family, tmp_path):
+    trainer.distill(_cfg(family, tmp_path, max_steps=1), progress=False)
+    source = tmp_path / "run" / "ckpt"
+    info = json.loads((source / "state.json").read_text())  # say the source had trained 100 minutes
+    (source / "state.json").write_text(json.dumps({**info, "meta": {**info["meta"], "minutes": 100.0}}))
+    before = (source / "state.json").read_text()
+    fork = _cfg(family, tmp_path / "fork", max_steps=2, adv_weight=0.5, resume_from=str(source))
+    card = load_student(trainer.distill(fork, progress=False)).card
+    assert card.distill["trained_steps"] == 2 and card.distill["resume_from"] == str(source)
+    assert 100.0 <= card.distill["minutes"] < 110 and card.distill["adv_weight"] == 0.5  # its minutes, new settings
+    assert (tmp_path / "fork" / "run" / "ckpt").is_dir() and (source / "state.json").read_text() == before
+    with pytest.raises(ValueError, match="not a checkpoint folder"):
+        trainer.distill(_cfg(family, tmp_path / "none", resume_from=str(tmp_path / "missing")), progress=False)
+
+
 def test_student_init_starts_from_another_student_and_save_dtype_casts(family, tmp_path):
     first = trainer.distill(_cfg(family, tmp_path, max_steps=1, save_dtype="float16"), progress=False)
     weights = next(first.glob("*.safetensors"))
