@@ -30,20 +30,11 @@ class CliError(Exception):
     """A user-facing failure: printed as one line, exit code 2."""
 
 
-def _family_guidance(family: Path) -> float:
-    """The family card's classifier-free guidance scale for its teacher (FamilyCard's default
-    for a folder without a card)."""
-    from flash.models import CARD, FamilyCard
-
-    card = family / CARD
-    return (FamilyCard.model_validate_json(card.read_text()) if card.is_file() else FamilyCard()).guidance_scale
-
-
 def _cmd_generate(a: argparse.Namespace) -> None:
     import numpy as np
 
     from flash.images import save_png
-    from flash.models import load_components, load_student
+    from flash.models import load_components, load_student, read_family_card
     from flash.pipeline import TextToImage
 
     family = Path(a.model_dir)
@@ -52,7 +43,7 @@ def _cmd_generate(a: argparse.Namespace) -> None:
     seeds = [a.seed + i for i in range(a.n)]
     prompts = [a.prompt] * a.n
     if a.model == "teacher":
-        guidance = _family_guidance(family) if a.guidance_scale is None else a.guidance_scale
+        guidance = read_family_card(family).guidance_scale if a.guidance_scale is None else a.guidance_scale
         lat = pipe.teacher_latents(prompts, seeds, a.steps or 25, guidance, a.scheduler)
     else:
         steps = a.steps or 3
@@ -106,6 +97,7 @@ def _cmd_distill_decoder(a: argparse.Namespace) -> None:
 
 def _cmd_eval(a: argparse.Namespace) -> None:
     from flash.eval.run import default_rows, evaluate_rows, extra_student_rows, results_table
+    from flash.models import read_family_card
 
     family = Path(a.model_dir)
     if a.update_card and a.rows:
@@ -114,12 +106,11 @@ def _cmd_eval(a: argparse.Namespace) -> None:
         raise CliError("the card and the report carry the test split's figures: leave out --split")
     if a.decoder != "full" and (a.update_card or a.report):
         raise CliError("the card and the report carry the full decoder's figures: leave out --decoder")
-    guidance = _family_guidance(family)
-    if a.guidance_scale is not None and a.guidance_scale != guidance and (a.update_card or a.report):
-        raise CliError(f"the card and the report carry the family's own guidance scale ({guidance:g}): "
+    card = read_family_card(family)
+    guidance = card.guidance_scale if a.guidance_scale is None else a.guidance_scale
+    if guidance != card.guidance_scale and (a.update_card or a.report):
+        raise CliError(f"the card and the report carry the family's own guidance scale ({card.guidance_scale:g}): "
                        "leave out --guidance-scale")  # fmt: skip
-    if a.guidance_scale is not None:
-        guidance = a.guidance_scale
     rows = default_rows(family, guidance, noise_correction_off=a.noise_correction_off)
     if a.rows:
         rows = [r for r in rows if any(key in r.name for key in a.rows)]
@@ -137,9 +128,8 @@ def _cmd_eval(a: argparse.Namespace) -> None:
     command = "flash eval " + shlex.join(sys.argv[2:]) if len(sys.argv) > 2 else "flash eval"
     if a.update_card:
         from flash.eval.run import card_figures
-        from flash.models import CARD, FamilyCard, write_card
+        from flash.models import CARD, write_card
 
-        card = FamilyCard.model_validate_json((family / CARD).read_text())
         write_card(family, card.model_copy(update={"eval": card_figures(results, command)}))
         print(f"wrote the figures into {family / CARD}")
     if a.report:

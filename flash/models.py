@@ -242,6 +242,17 @@ def write_card(folder: Path, card: BaseModel) -> None:
     tmp.replace(Path(folder) / CARD)
 
 
+def read_family_card(path: Path) -> FamilyCard:
+    """A family's flash.json, or the defaults (named after the folder) for a folder without one."""
+    f = Path(path) / CARD
+    if not f.is_file():
+        return FamilyCard(name=Path(path).name)
+    try:
+        return FamilyCard.model_validate_json(f.read_text())
+    except ValueError as e:
+        raise ModelError(f"invalid {f}: {e}") from e
+
+
 def read_student_card(folder: Path) -> StudentCard:
     f = Path(folder) / CARD
     if not f.is_file():
@@ -266,8 +277,7 @@ def load_family(path: Path, dtype: torch.dtype = torch.float32, decoder: str = "
     """Teacher components + every student under students/ (keyed by step count)."""
     path = Path(path)
     teacher = load_components(path, dtype, decoder)
-    card_file = path / CARD
-    card = FamilyCard.model_validate_json(card_file.read_text()) if card_file.is_file() else FamilyCard(name=path.name)
+    card = read_family_card(path)
     students: dict[int, Student] = {}
     for folder in list_students(path):
         s = load_student(folder, dtype)

@@ -13,6 +13,7 @@ from flash.models import (
     load_family,
     load_student,
     publish_student,
+    read_family_card,
 )
 from flash.tiny import write_tiny_family
 
@@ -66,6 +67,14 @@ def test_missing_component_is_a_clear_error(tmp_path):
     (tmp_path / "unet").mkdir()
     with pytest.raises(ModelError, match="missing tokenizer/"):
         load_components(tmp_path)
+
+
+def test_family_card_defaults_without_a_file_and_refuses_a_bad_one(tmp_path):
+    card = read_family_card(tmp_path / "fam")
+    assert card.name == "fam" and card.guidance_scale == 5.0
+    (tmp_path / "flash.json").write_text('{"guidance_scale": "strong"}')
+    with pytest.raises(ModelError, match="invalid"):
+        read_family_card(tmp_path)
 
 
 def test_student_card_validation():
