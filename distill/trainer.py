@@ -232,15 +232,14 @@ def evaluate_student(m: Models, unet, cfg: DistillConfig, n: int, batch: int = 5
     """Shapes-64 judge on the validation prompts (shapes teachers only): figures to choose runs
     by, while the test prompts stay with `flash eval` and the targets."""
     from flash.eval import evaluate
-    from flash.eval.run import split_prompts
+    from flash.eval.run import generate_in_batches, split_prompts
+
+    def make_images(prompts: list[str], seeds: list[int]) -> np.ndarray:
+        return m.pipe.decode(m.pipe.student_latents(unet, prompts, seeds, cfg.timesteps, cfg.noise_correction))
 
     prompts, seeds = split_prompts("validation", n)
-    images = []
-    for k in range(0, n, batch):
-        lat = m.pipe.student_latents(unet, prompts[k : k + batch], seeds[k : k + batch], cfg.timesteps,
-                                     cfg.noise_correction)  # fmt: skip
-        images.append(m.pipe.decode(lat))
-    return {**evaluate(np.concatenate(images), prompts), "split": "validation", "n": n}
+    images, _ = generate_in_batches(make_images, prompts, seeds, batch)
+    return {**evaluate(images, prompts), "split": "validation", "n": n}
 
 
 def _modules(m: Models, accelerator) -> dict:

@@ -12,7 +12,9 @@ to ship or whether to keep noise correction, so the test prompts do not pick the
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -86,25 +88,35 @@ def evaluate_rows(
     teacher_dir: Path, rows: list[Row], n: int = 500, batch: int = 50, components: Components | None = None,
     progress: bool = True, split: str = "test", decoder: str = "full",
 ) -> list[RowResult]:
-    from tqdm import tqdm
-
     components = components or load_components(Path(teacher_dir), decoder=decoder)
     pipe = TextToImage(components)
     prompts, seeds = split_prompts(split, n)
     results = []
     for row in rows:
         student = load_student(Path(row.student_dir)) if row.kind == "student" else None
-        images, elapsed = [], 0.0
-        for k in tqdm(range(0, n, batch), desc=row.name, disable=not progress, leave=False):
-            ps = prompts[k : k + batch]
-            t0 = time.perf_counter()
-            with torch.inference_mode():
-                images.append(generate(pipe, row, ps, seeds[k : k + len(ps)], student))
-            elapsed += time.perf_counter() - t0
-        imgs = np.concatenate(images)
+        make_images = partial(generate, pipe, row, student=student)
+        imgs, seconds = generate_in_batches(make_images, prompts, seeds, batch, row.name, progress)
         steps = student.card.steps if student else row.steps
-        results.append(RowResult(Row(**{**row.__dict__, "steps": steps}), evaluate(imgs, prompts), elapsed / n, imgs))
+        results.append(RowResult(Row(**{**row.__dict__, "steps": steps}), evaluate(imgs, prompts), seconds, imgs))
     return results
+
+
+def generate_in_batches(
+    make_images: Callable[[list[str], list[int]], np.ndarray], prompts: list[str], seeds: list[int], batch: int = 50,
+    desc: str = "", progress: bool = False,
+) -> tuple[np.ndarray, float]:
+    """Every prompt's image from `make_images(prompts, seeds)`, called batch by batch in
+    inference mode, and the generation time per image in seconds."""
+    from tqdm import tqdm
+
+    images, elapsed = [], 0.0
+    for k in tqdm(range(0, len(prompts), batch), desc=desc, disable=not progress, leave=False):
+        ps = prompts[k : k + batch]
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            images.append(make_images(ps, seeds[k : k + len(ps)]))
+        elapsed += time.perf_counter() - t0
+    return np.concatenate(images), elapsed / len(prompts)
 
 
 def extra_student_rows(specs: list[str]) -> list[Row]:
