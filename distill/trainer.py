@@ -72,15 +72,35 @@ def build_models(cfg: DistillConfig, accelerator) -> Models:
         student = copy.deepcopy(teacher.unet)
     student.train().requires_grad_(True).to(accelerator.device)
     ema = EMA(student, cfg.ema_decay)  # on the student's device: one fused update per step
-    opt = torch.optim.Adam(student.parameters(), lr=cfg.lr, betas=cfg.adam_betas)
+    opt = torch.optim.Adam(student.parameters(), **optimizer_settings(cfg)["opt"])
     disc = opt_d = None
     if cfg.use_discriminator:
         disc = Discriminator(teacher.unet, cfg.disc_train_backbone)
-        opt_d = torch.optim.Adam([p for p in disc.parameters() if p.requires_grad], lr=cfg.disc_lr, betas=(0.0, 0.99))
+        opt_d = torch.optim.Adam([p for p in disc.parameters() if p.requires_grad], **optimizer_settings(cfg)["opt_d"])
         student, opt, disc, opt_d = accelerator.prepare(student, opt, disc, opt_d)
     else:
         student, opt = accelerator.prepare(student, opt)
     return Models(teacher, pipe, student, ema, opt, teacher_denoiser(teacher.unet, cfg.compile_teacher), disc, opt_d)
+
+
+def optimizer_settings(cfg: DistillConfig) -> dict[str, dict]:
+    """Each optimizer's hyper-parameters from the config: set at start, and again after a resume
+    or fork (a checkpoint's optimizer state carries the old run's learning rates)."""
+    return {"opt": {"lr": cfg.lr, "betas": cfg.adam_betas}, "opt_d": {"lr": cfg.disc_lr, "betas": (0.0, 0.99)}}
+
+
+def restore(m: Models, cfg: DistillConfig, folder: Path, accelerator) -> tuple[int, dict]:
+    """Load a checkpoint (this run's, or another's to fork) under this config's optimizer settings."""
+    try:
+        step, meta = load_checkpoint(folder, _modules(m, accelerator), _optimizers(m))
+    except (KeyError, RuntimeError, ValueError) as e:  # e.g. a discriminator with(out) its backbone
+        raise ValueError(f"checkpoint {folder} does not fit this config's models or optimizers ({e}); "
+                         "a fork may change losses and learning rates, not what is trained") from e  # fmt: skip
+    settings = optimizer_settings(cfg)
+    for name, opt in _optimizers(m).items():
+        for group in opt.param_groups:
+            group.update(settings[name])
+    return step, meta
 
 
 def teacher_denoiser(unet, mode: str) -> Denoiser:
@@ -269,7 +289,7 @@ def distill(cfg: DistillConfig, progress: bool = True) -> Path:
     if start_from is not None:
         if not start_from.is_dir():
             raise ValueError(f"resume_from {start_from} is not a checkpoint folder (a run's ckpt/)")
-        step, meta = load_checkpoint(start_from, _modules(m, accelerator), _optimizers(m))
+        step, meta = restore(m, cfg, start_from, accelerator)
         earlier = meta.get("minutes", 0.0)
     # ...but each rank draws its own noise and prompts
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + step * 7 + accelerator.process_index)

@@ -185,11 +185,16 @@ def test_resume_from_forks_another_runs_checkpoint_and_leaves_it_alone(family, t
     info = json.loads((source / "state.json").read_text())  # say the source had trained 100 minutes
     (source / "state.json").write_text(json.dumps({**info, "meta": {**info["meta"], "minutes": 100.0}}))
     before = (source / "state.json").read_text()
-    fork = _cfg(family, tmp_path / "fork", max_steps=2, adv_weight=0.5, resume_from=str(source))
+    fork = _cfg(family, tmp_path / "fork", max_steps=2, adv_weight=0.5, lr=3e-4, disc_lr=2e-4, resume_from=str(source))
     card = load_student(trainer.distill(fork, progress=False)).card
     assert card.distill["trained_steps"] == 2 and card.distill["resume_from"] == str(source)
     assert 100.0 <= card.distill["minutes"] < 110 and card.distill["adv_weight"] == 0.5  # its minutes, new settings
     assert (tmp_path / "fork" / "run" / "ckpt").is_dir() and (source / "state.json").read_text() == before
+    # the fork's learning rates, not the source's (an optimizer's state carries its old ones)
+    groups = json.loads((tmp_path / "fork" / "run" / "ckpt" / "state.json").read_text())["optimizers"]
+    assert groups["opt"]["param_groups"][0]["lr"] == 3e-4 and groups["opt_d"]["param_groups"][0]["lr"] == 2e-4
+    with pytest.raises(ValueError, match="does not fit this config"):  # a backbone the source did not train
+        trainer.distill(_cfg(family, tmp_path / "bb", disc_train_backbone=True, resume_from=str(source)), progress=False)
     with pytest.raises(ValueError, match="not a checkpoint folder"):
         trainer.distill(_cfg(family, tmp_path / "none", resume_from=str(tmp_path / "missing")), progress=False)
 
