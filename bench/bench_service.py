@@ -13,7 +13,9 @@ concurrent run (images per call, read from the server's /metrics):
      / max_batch_size = 1                                                    reported
   4. per-image latency of the teacher (25 steps, CFG) / the 3-step student, both over HTTP
                                                                              target >= 10
-Each server runs as its own process (`python -m service`), the clients here.
+Each server runs as its own process (`python -m service`), the clients here, on the same
+cores: it also prints the clients' own CPU per image, and `--client raw` swaps httpx for
+hand-written keep-alive connections that spend less of them.
 """
 
 from __future__ import annotations
@@ -21,10 +23,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import statistics
 import tempfile
 import time
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack, contextmanager
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -52,34 +57,88 @@ def body(i: int, model: str = STUDENT, **extra) -> dict:
     return {"prompt": f"a red circle above a blue square {i}", "model": model, "seed": i, **extra}
 
 
-def http_latencies(url: str, n: int, **extra) -> list[float]:
+Send = Callable[[dict], Awaitable[int]]  # posts one request body, returns the HTTP status
+
+
+async def httpx_senders(url: str, k: int, stack: AsyncExitStack) -> list[Send]:
+    """k clients sharing one httpx connection pool (what a Python user would write)."""
+    pool = await stack.enter_async_context(
+        httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=k))
+    )
+
+    async def send(payload: dict) -> int:
+        return (await pool.post("/v1/images/generations", json=payload)).status_code
+
+    return [send] * k
+
+
+async def raw_senders(url: str, k: int, stack: AsyncExitStack) -> list[Send]:
+    """k keep-alive HTTP/1.1 connections written by hand: about the least CPU a client can spend,
+    to see how much of this machine's cores the load generator itself takes."""
+    host, port = httpx.URL(url).host, httpx.URL(url).port
+    senders = []
+    for _ in range(k):
+        reader, writer = await asyncio.open_connection(host, port)
+        stack.callback(writer.close)
+        senders.append(partial(raw_post, reader, writer, host))
+    return senders
+
+
+async def raw_post(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str, payload: dict) -> int:
+    """POST /v1/images/generations; returns the status (the body is read, not parsed)."""
+    data = json.dumps(payload).encode()
+    head = f"POST /v1/images/generations HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+    writer.write(f"{head}Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    await writer.drain()
+    response = await reader.readuntil(b"\r\n\r\n")
+    length = re.search(rb"(?im)^content-length: *(\d+)", response)
+    if length is None:
+        raise RuntimeError("the server's response has no Content-Length")
+    await reader.readexactly(int(length.group(1)))
+    return int(response.split(b" ", 2)[1])
+
+
+CLIENTS = {"httpx": httpx_senders, "raw": raw_senders}
+
+
+def check(status: int, i: int) -> None:
+    if status != 200:
+        raise RuntimeError(f"request {i}: HTTP {status}")
+
+
+def http_latencies(url: str, n: int, client: str = "httpx", **extra) -> list[float]:
     """Sequential requests from one client: wall seconds each."""
-    out = []
-    with httpx.Client(base_url=url, timeout=600) as c:
-        for i in range(n):
-            t0 = time.perf_counter()
-            r = c.post("/v1/images/generations", json=body(i, **extra))
-            out.append(time.perf_counter() - t0)
-            r.raise_for_status()
-    return out
+
+    async def run() -> list[float]:
+        async with AsyncExitStack() as stack:
+            (send,) = await CLIENTS[client](url, 1, stack)
+            out = []
+            for i in range(n):
+                t0 = time.perf_counter()
+                status = await send(body(i, **extra))
+                out.append(time.perf_counter() - t0)
+                check(status, i)
+            return out
+
+    return asyncio.run(run())
 
 
-def http_throughput(url: str, n: int, concurrency: int) -> float:
-    """Images per second with `concurrency` clients each sending requests back to back."""
+def http_throughput(url: str, n: int, concurrency: int, client: str = "httpx") -> tuple[float, float]:
+    """Images per second with `concurrency` clients each sending requests back to back, and the
+    clients' own CPU seconds per image (they share this machine's cores with the server)."""
 
-    async def run() -> float:
+    async def run() -> tuple[float, float]:
         todo = iter(range(n))
-        async with httpx.AsyncClient(
-            base_url=url, timeout=600, limits=httpx.Limits(max_connections=concurrency)
-        ) as c:
+        async with AsyncExitStack() as stack:
+            senders = await CLIENTS[client](url, concurrency, stack)
 
-            async def client():
+            async def one(send: Send) -> None:
                 for i in todo:
-                    (await c.post("/v1/images/generations", json=body(i))).raise_for_status()
+                    check(await send(body(i)), i)
 
-            t0 = time.perf_counter()
-            await asyncio.gather(*[client() for _ in range(concurrency)])
-            return n / (time.perf_counter() - t0)
+            t0, cpu0 = time.perf_counter(), time.process_time()
+            await asyncio.gather(*[one(send) for send in senders])
+            return n / (time.perf_counter() - t0), (time.process_time() - cpu0) / n
 
     return asyncio.run(run())
 
@@ -139,6 +198,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--teacher-requests", type=int, default=5, help="teacher (25 steps, CFG) latency samples")
     p.add_argument("--decoder", choices=["full", "tiny"], default="full",
                    help="the family's VAE decoder or its fast one (vae_tiny/), on both sides")
+    p.add_argument("--client", choices=sorted(CLIENTS), default="httpx",
+                   help="the load generator: httpx, or hand-written keep-alive connections (raw) that spend "
+                        "less of the cores the server shares with them")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
 
@@ -150,18 +212,19 @@ def main(argv: list[str] | None = None) -> dict:
     model = model.resolve()
     n, k = args.requests, args.concurrency
 
+    c = args.client
     with server(model, max_batch_size=k, decoder=args.decoder) as url:
-        http_latencies(url, 2)  # warm the connection path
-        http_p50 = statistics.median(http_latencies(url, n))
-        teacher_p50 = statistics.median(http_latencies(url, args.teacher_requests, model="teacher", steps=25))
-        http_throughput(url, 2 * k, k)  # warm up like the in-process side: connections, batch shapes
+        http_latencies(url, 2, c)  # warm the connection path
+        http_p50 = statistics.median(http_latencies(url, n, c))
+        teacher_p50 = statistics.median(http_latencies(url, args.teacher_requests, c, model="teacher", steps=25))
+        http_throughput(url, 2 * k, k, c)  # warm up like the in-process side: connections, batch shapes
         images0, calls0 = images_per_unet_call(url)
-        batched = http_throughput(url, n, k)
+        batched, client_cpu = http_throughput(url, n, k, c)
         images1, calls1 = images_per_unet_call(url)
         fill = (images1 - images0) / max(1.0, calls1 - calls0)
     with server(model, max_batch_size=1, decoder=args.decoder) as url:
-        http_throughput(url, 2 * k, k)
-        unbatched = http_throughput(url, n, k)
+        http_throughput(url, 2 * k, k, c)
+        unbatched, _ = http_throughput(url, n, k, c)
     local = in_process(model, n, n, k, args.decoder)
 
     rows = [
@@ -170,15 +233,18 @@ def main(argv: list[str] | None = None) -> dict:
         (f"throughput, {k} clients, batching vs max_batch_size=1", batched, unbatched, batched / unbatched, "report"),
         ("per image: teacher 25 steps + CFG vs 3-step (ms)", teacher_p50 * 1e3, http_p50 * 1e3, teacher_p50 / http_p50, ">= 10"),
     ]  # fmt: skip
-    print(f"\nmodel {model}  decoder {args.decoder}  requests {n}  concurrency {k}  torch threads: default")
+    print(f"\nmodel {model}  decoder {args.decoder}  client {c}  requests {n}  concurrency {k}  torch threads: default")
     print(f"{'measure':<56}{'service':>12}{'baseline':>12}{'ratio':>9}  target")
     for name, a, b, ratio, target in rows:
         print(f"{name:<56}{a:>12.2f}{b:>12.2f}{ratio:>9.2f}  {target}")
     print(f"images per U-Net call during the {k}-client run: {fill:.1f} (in-process: {k})")
+    print(f"the clients' own CPU per image during that run: {client_cpu * 1e3:.2f} ms "
+          f"(on this machine's cores, beside the server; in-process: {1e3 / local['images_per_s']:.2f} ms wall per image)")
     results = {
         name: {"service": a, "baseline": b, "ratio": ratio, "target": t} for name, a, b, ratio, t in rows
     }
     results["images per U-Net call, concurrent run"] = fill
+    results["client CPU ms per image, concurrent run"] = client_cpu * 1e3
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return results
