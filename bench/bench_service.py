@@ -75,7 +75,8 @@ async def httpx_senders(url: str, k: int, stack: AsyncExitStack) -> list[Send]:
 async def raw_senders(url: str, k: int, stack: AsyncExitStack) -> list[Send]:
     """k keep-alive HTTP/1.1 connections written by hand: about the least CPU a client can spend,
     to see how much of this machine's cores the load generator itself takes."""
-    host, port = httpx.URL(url).host, httpx.URL(url).port
+    parsed = httpx.URL(url)
+    host, port = parsed.host, parsed.port
     senders = []
     for _ in range(k):
         reader, writer = await asyncio.open_connection(host, port)

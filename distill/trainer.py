@@ -72,11 +72,12 @@ def build_models(cfg: DistillConfig, accelerator) -> Models:
         student = copy.deepcopy(teacher.unet)
     student.train().requires_grad_(True).to(accelerator.device)
     ema = EMA(student, cfg.ema_decay)  # on the student's device: one fused update per step
-    opt = torch.optim.Adam(student.parameters(), **optimizer_settings(cfg)["opt"])
+    settings = optimizer_settings(cfg)
+    opt = torch.optim.Adam(student.parameters(), **settings["opt"])
     disc = opt_d = None
     if cfg.use_discriminator:
         disc = Discriminator(teacher.unet, cfg.disc_train_backbone)
-        opt_d = torch.optim.Adam([p for p in disc.parameters() if p.requires_grad], **optimizer_settings(cfg)["opt_d"])
+        opt_d = torch.optim.Adam([p for p in disc.parameters() if p.requires_grad], **settings["opt_d"])
         student, opt, disc, opt_d = accelerator.prepare(student, opt, disc, opt_d)
     else:
         student, opt = accelerator.prepare(student, opt)
