@@ -7,9 +7,14 @@
 # 1. the environment: GPU, torch, whether tensorrt / onnxruntime's CUDA provider exist
 # 2. bench/bench_export.py --gpu-only: eager fp16 vs torch.compile, family student and SD 1.5
 #    (first, alone on the GPU; BENCH=0 skips it)
-# 3. with TRAIN_MINUTES > 0: the distill configs (default configs/gpu/shapes64-{3,2,1}step.json)
+# 3. with TEACHER_CONFIG set: the teacher's U-Net stage on the GPU (its config's unet_minutes
+#    bound it; TEACHER_CAP caps the stage), exported to <its out>/export, which distill configs
+#    can name as their teacher; its weights come back as teacher-{unet,text_encoder}.safetensors
+#    and the rest of the folder, its loss log and sample grids as teacher-rest.tgz
+# 4. with TRAIN_MINUTES > 0: the distill configs (default configs/gpu/shapes64-{3,2,1}step.json)
 #    train side by side on the GPU, in the background, each into the "out" its config names
-# 4. meanwhile pytest -m gpu on $GPU_TESTS (default: the torch backend in fp16 and with
+#    (TRAIN_SLACK, default 150 s, is each run's time beyond TRAIN_MINUTES before it is killed)
+# 5. meanwhile pytest -m gpu (capped at PYTEST_CAP, default 300 s) on $GPU_TESTS (default: the torch backend in fp16 and with
 #    torch.compile + CUDA graphs, the service on CUDA, distillation on CUDA, and the TensorRT
 #    tests, which skip without tensorrt)
 # Logs and the students are packed into OUT_DIR (logs.tgz, student-<config name>.tgz).
@@ -62,19 +67,29 @@ EOF"
 [ "${BENCH:-1}" = 0 ] || TAIL=40 stage bench-export-gpu 150 "$py" bench/bench_export.py --gpu-only --gpu-batch 1 4 16 \
     --compile-modes reduce-overhead --repeats 20 --json "$out/logs/bench_export.json"
 
+if [ -n "${TEACHER_CONFIG:-}" ]; then
+    tout=$("$py" -c "import json, sys; print(json.load(open(sys.argv[1]))['out'])" "$TEACHER_CONFIG")
+    stage teacher "${TEACHER_CAP:-420}" "$py" -m flash.cli train-teacher --config "$TEACHER_CONFIG" --export "$tout/export"
+    if [ -f "$tout/export/unet/diffusion_pytorch_model.safetensors" ]; then
+        cp "$tout/export/unet/diffusion_pytorch_model.safetensors" "$out/teacher-unet.safetensors"
+        cp "$tout/export/text_encoder/model.safetensors" "$out/teacher-text_encoder.safetensors"
+        tar czf "$out/teacher-rest.tgz" --exclude='*.safetensors' -C "$tout" export loss.jsonl samples config.json
+    fi
+fi
+
 # then training in the background while the correctness tests share the GPU
 pids=()
 if awk "BEGIN { exit !($train > 0) }"; then
     echo "== train: ${configs[*]} side by side for $train min (in the background)"
     for c in "${configs[@]}"; do
-        OMP_NUM_THREADS=4 timeout -k 20 "$(awk "BEGIN { print int($train * 60 + 150) }")" \
+        OMP_NUM_THREADS=4 timeout -k 20 "$(awk "BEGIN { print int($train * 60 + ${TRAIN_SLACK:-150}) }")" \
             "$py" -m flash.cli distill --config "$c" --minutes "$train" \
             >"$out/logs/train-$(basename "$c" .json).log" 2>&1 &
         pids+=($!)
     done
 fi
 
-TAIL=40 stage pytest-gpu 300 "$py" -m pytest -m gpu -p no:cacheprovider -rs -s -q \
+TAIL=40 stage pytest-gpu "${PYTEST_CAP:-300}" "$py" -m pytest -m gpu -p no:cacheprovider -rs -s -q \
     ${GPU_TESTS:-tests/test_gpu_torch.py tests/test_export_gpu.py}
 
 for i in "${!pids[@]}"; do
@@ -84,7 +99,7 @@ done
 for c in "${configs[@]}"; do
     name=$(basename "$c" .json)
     run=$("$py" -c "import json, sys; print(json.load(open(sys.argv[1]))['out'])" "$c")
-    [ -d "$run" ] || continue
+    [ -d "$run" ] || continue  # (a run that never started, e.g. its teacher stage failed)
     tail -n 2 "$run/loss.jsonl" 2>/dev/null
     "$py" -c "import json, sys; c = json.load(open(sys.argv[1])); print(c['distill']['trained_steps'], 'steps', c['eval'])" \
         "$run/student/flash.json" 2>/dev/null

@@ -14,6 +14,8 @@ class TeacherConfig:
     seed: int = 0
     name: str = "shapes64"
     init_from: str = ""  # a shipped teacher folder to continue from (when `out` has no checkpoint)
+    device: str = "auto"  # the U-Net stage's device: "auto" (CUDA when present, else CPU), "cpu", "cuda", ...
+    data_workers: int = 1  # processes rendering scenes (each its own seeded stream)
     # VAE: 64x64x3 -> 16x16x4
     vae_channels: tuple[int, ...] = (32, 64, 64)
     vae_steps: int = 700
@@ -53,6 +55,8 @@ class TeacherConfig:
             raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
         if not 0 <= self.p_two <= 1:
             raise ValueError(f"p_two must be in [0, 1], got {self.p_two}")
+        if self.data_workers < 1:
+            raise ValueError(f"data_workers must be >= 1, got {self.data_workers}")
         for f in ("vae_steps", "unet_steps", "batch_size", "vae_batch"):
             if getattr(self, f) < 0:
                 raise ValueError(f"{f} must be >= 0, got {getattr(self, f)}")

@@ -94,17 +94,27 @@ def build_unet(cfg: TeacherConfig):
     )
 
 
-def image_batches(seed: int, batch_size: int, p_two: float):
-    """Rendered batches from a worker process, overlapping the training step."""
+def image_batches(seed: int, batch_size: int, p_two: float, workers: int = 1):
+    """Rendered batches from worker processes, overlapping the training step; worker w draws
+    its own stream from seed + 7919 w (the DataLoader takes the workers' batches in turn)."""
 
     class Stream(torch.utils.data.IterableDataset):
         def __iter__(self):
             torch.set_num_threads(1)
-            for images, prompts in shapes.batches(seed, batch_size, p_two):
+            worker = torch.utils.data.get_worker_info()
+            own_seed = seed + 7919 * (worker.id if worker is not None else 0)
+            for images, prompts in shapes.batches(own_seed, batch_size, p_two):
                 yield shapes.to_tensor_range(images), prompts
 
-    loader = torch.utils.data.DataLoader(Stream(), batch_size=None, num_workers=1, prefetch_factor=4)
+    loader = torch.utils.data.DataLoader(Stream(), batch_size=None, num_workers=workers, prefetch_factor=4)
     return iter(loader)
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto": CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 def _lr_at(step: int, base: float, warmup: int) -> float:
@@ -158,10 +168,13 @@ class TeacherState:
 
     def __init__(self, cfg: TeacherConfig, vae):
         torch.manual_seed(cfg.seed)
+        self.device = resolve_device(cfg.device)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: fp32 training, tensor cores
         self.tokenizer = build_clip_tokenizer(cfg.max_length)
-        self.text_encoder = build_text_encoder(cfg, self.tokenizer)
-        self.unet = build_unet(cfg)
-        self.vae = vae.eval().requires_grad_(False)
+        self.text_encoder = build_text_encoder(cfg, self.tokenizer).to(self.device)
+        self.unet = build_unet(cfg).to(self.device)
+        self.vae = vae.eval().requires_grad_(False).to(self.device)
         self.ema_unet = EMA(self.unet, cfg.ema_decay)
         self.ema_text = EMA(self.text_encoder, cfg.ema_decay)
         self.opt = torch.optim.AdamW(
@@ -202,20 +215,23 @@ class TeacherState:
 def train_step(
     state: TeacherState, latents: torch.Tensor, prompts: list[str], cfg: TeacherConfig, gen: torch.Generator
 ) -> float:
-    """One denoising-score-matching step on scaled VAE latents [B, 4, 16, 16]; returns the loss."""
-    b = latents.shape[0]
+    """One denoising-score-matching step on scaled VAE latents [B, 4, 16, 16]; returns the loss.
+    The random draws come from the CPU generator `gen` and are then moved: the same draws on
+    every device."""
+    b, dev = latents.shape[0], state.device
     drop = torch.rand(b, generator=gen) < cfg.caption_dropout
     prompts = ["" if d else p for p, d in zip(prompts, drop.tolist(), strict=True)]
     ids = state.tokenizer(
         prompts, padding="max_length", max_length=cfg.max_length, truncation=True, return_tensors="pt"
     ).input_ids
-    cond = state.text_encoder(ids)[0]
+    cond = state.text_encoder(ids.to(dev))[0]
     t = torch.randint(0, state.schedule.num_train_timesteps, (b,), generator=gen)
-    noise = torch.randn(latents.shape, generator=gen)
+    noise = torch.randn(latents.shape, generator=gen).to(dev)
+    latents = latents.to(dev)
     x_t = state.schedule.add_noise(latents, noise, t)
-    pred = state.unet(x_t, t, encoder_hidden_states=cond, return_dict=False)[0]
+    pred = state.unet(x_t, t.to(dev), encoder_hidden_states=cond, return_dict=False)[0]
     per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))  # [B]
-    loss = (per_sample * min_snr_weight(state.schedule, t, cfg.min_snr_gamma)).mean()
+    loss = (per_sample * min_snr_weight(state.schedule, t, cfg.min_snr_gamma).to(dev)).mean()
     state.opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(list(state.unet.parameters()) + list(state.text_encoder.parameters()), 1.0)
@@ -225,9 +241,11 @@ def train_step(
     return loss.item()
 
 
-def sample_grid(components: Components, prompts: list[str], steps: int, guidance: float, seed: int = 0) -> np.ndarray:
+def sample_grid(
+    components: Components, prompts: list[str], steps: int, guidance: float, seed: int = 0, device="cpu"
+) -> np.ndarray:
     """uint8 grid: one row per seed (2), one column per prompt."""
-    pipe = TextToImage(components)
+    pipe = TextToImage(components, device)
     rows = []
     for s in range(2):
         lat = pipe.teacher_latents(prompts, [seed + s] * len(prompts), steps=steps, guidance_scale=guidance)
@@ -247,13 +265,14 @@ def build_latent_pool(cfg: TeacherConfig, vae) -> tuple[torch.Tensor, torch.Tens
         prompts = json.loads(path.with_suffix(".json").read_text())
         if len(prompts) == cfg.latent_pool:
             return t["mean"], t["std"], prompts
+    path.parent.mkdir(parents=True, exist_ok=True)
     means, stds, prompts = [], [], []
-    batches = image_batches(cfg.seed + 104729, 256, cfg.p_two)
+    batches = image_batches(cfg.seed + 104729, 256, cfg.p_two, cfg.data_workers)
     for _ in tqdm(range(-(-cfg.latent_pool // 256)), desc="latent pool", dynamic_ncols=True):
         x, ps = next(batches)
-        post = vae.encode(x).latent_dist
-        means.append(post.mean.half())
-        stds.append(post.std.half())
+        post = vae.encode(x.to(vae.device)).latent_dist
+        means.append(post.mean.half().cpu())
+        stds.append(post.std.half().cpu())
         prompts += ps
     mean, std = torch.cat(means)[: cfg.latent_pool], torch.cat(stds)[: cfg.latent_pool]
     prompts = prompts[: cfg.latent_pool]
@@ -272,11 +291,12 @@ def latent_batches(cfg: TeacherConfig, vae, seed: int):
             idx = torch.randint(0, len(prompts), (cfg.batch_size,), generator=gen)
             z = mean[idx].float() + std[idx].float() * torch.randn(mean[idx].shape, generator=gen)
             yield z * scale, [prompts[i] for i in idx.tolist()]
-    data = image_batches(seed, cfg.batch_size, cfg.p_two)
+    data = image_batches(seed, cfg.batch_size, cfg.p_two, cfg.data_workers)
     while True:
         x, ps = next(data)
         with torch.no_grad():
-            yield vae.encode(x).latent_dist.sample(gen) * scale, ps
+            post = vae.encode(x.to(vae.device)).latent_dist
+            yield (post.mean.cpu() + post.std.cpu() * torch.randn(post.mean.shape, generator=gen)) * scale, ps
 
 
 def train_unet(cfg: TeacherConfig, vae) -> TeacherState:
@@ -309,7 +329,7 @@ def train_unet(cfg: TeacherConfig, vae) -> TeacherState:
         if done % cfg.checkpoint_every == 0 or done == cfg.unet_steps or out_of_time:
             save_checkpoint(ckpt, done, state.modules(), {"opt": state.opt}, {"config": cfg.to_dict()})
         if done % cfg.sample_every == 0:
-            grid = sample_grid(state.components(), SAMPLE_PROMPTS, 20, cfg.guidance_scale)
+            grid = sample_grid(state.components(), SAMPLE_PROMPTS, 20, cfg.guidance_scale, device=state.device)
             save_png(grid, Path(cfg.out) / "samples" / f"step{done:06d}.png")
         if out_of_time:
             break

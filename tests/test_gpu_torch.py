@@ -109,6 +109,36 @@ def test_distillation_runs_on_the_gpu(tmp_path):
     assert load_student(resumed).card.distill["trained_steps"] == 4
 
 
+def test_teacher_trains_on_the_gpu(tmp_path):
+    """The teacher's U-Net stage on CUDA: the same first loss as on the CPU (same draws), then
+    checkpoint, resume and export."""
+    from diffusers import StableDiffusionPipeline
+
+    from teacher.config import TeacherConfig
+    from teacher.train import TeacherState, latent_batches, train_step, train_teacher
+
+    base = dict(out=str(tmp_path / "run"), vae_steps=1, vae_batch=2, unet_steps=2, batch_size=4, latent_pool=8,
+                checkpoint_every=2, sample_every=2)  # fmt: skip
+    train_teacher(TeacherConfig(**base, device="cuda"), export_to=tmp_path / "fam")
+    assert (tmp_path / "run" / "samples" / "step000002.png").is_file()
+    train_teacher(TeacherConfig(**{**base, "unet_steps": 3}, device="cuda"))  # resumes on CUDA
+    assert json.loads((tmp_path / "run" / "ckpt-unet" / "state.json").read_text())["step"] == 3
+    assert StableDiffusionPipeline.from_pretrained(tmp_path / "fam").unet.dtype == torch.float32
+
+    from diffusers import AutoencoderKL
+
+    losses = {}
+    for dev in ("cpu", "cuda"):
+        cfg = TeacherConfig(**{**base, "out": str(tmp_path / dev), "init_from": str(tmp_path / "fam")}, device=dev)
+        vae = AutoencoderKL.from_pretrained(tmp_path / "fam" / "vae", torch_dtype=torch.float32)
+        state = TeacherState(cfg, vae)
+        state.load_weights(tmp_path / "fam")
+        latents, prompts = next(latent_batches(cfg, state.vae, 0))
+        losses[dev] = train_step(state, latents, prompts, cfg, torch.Generator().manual_seed(0))
+    print(f"\nteacher loss, cpu {losses['cpu']:.5f} vs cuda {losses['cuda']:.5f}")
+    assert abs(losses["cpu"] - losses["cuda"]) <= 1e-2 * abs(losses["cpu"])
+
+
 def test_compiled_teacher_gives_the_eager_srl_target():
     """compile_teacher="reduce-overhead" (CUDA graphs) makes the same SRL target as eager, without falling back."""
     import warnings

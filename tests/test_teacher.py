@@ -61,3 +61,15 @@ def test_init_from_a_shipped_teacher_continues_its_weights(tmp_path):
     state = train_teacher(cont)
     assert not (tmp_path / "b" / "vae").exists()  # the shipped VAE is reused, not retrained
     assert torch.equal(state.unet.conv_in.weight, shipped.conv_in.weight)
+
+
+def test_data_workers_draw_their_own_streams():
+    from teacher.train import image_batches
+
+    one = image_batches(7, 4, 0.6, workers=1)
+    two = image_batches(7, 4, 0.6, workers=2)
+    a0, b0, b1 = next(one), next(two), next(two)
+    assert torch.equal(a0[0], b0[0]) and a0[1] == b0[1]  # worker 0 is the single-worker stream
+    assert b0[1] != b1[1]  # worker 1 does not repeat it
+    with pytest.raises(ValueError, match="data_workers"):
+        TeacherConfig(data_workers=0)
