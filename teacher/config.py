@@ -42,6 +42,11 @@ class TeacherConfig:
     caption_dropout: float = 0.1
     p_two: float = 0.6
     min_snr_gamma: float = 5.0  # 0 disables Min-SNR loss weighting
+    # > 0: an auxiliary loss on the text encoder (training only, not exported): a linear head
+    # classifies each prompt's relation (none / left / right / above / below) from its pooled
+    # output. A from-scratch text encoder otherwise leaves relation words near their initial
+    # embeddings (docs/results.md, "Why spatial stays at chance"); pretraining would do this job.
+    relation_weight: float = 0.0
     checkpoint_every: int = 200
     sample_every: int = 1000
     guidance_scale: float = 5.0
@@ -55,6 +60,8 @@ class TeacherConfig:
             raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
         if not 0 <= self.p_two <= 1:
             raise ValueError(f"p_two must be in [0, 1], got {self.p_two}")
+        if self.relation_weight < 0:
+            raise ValueError(f"relation_weight must be >= 0, got {self.relation_weight}")
         if self.data_workers < 1:
             raise ValueError(f"data_workers must be >= 1, got {self.data_workers}")
         for f in ("vae_steps", "unet_steps", "batch_size", "vae_batch"):

@@ -177,10 +177,15 @@ class TeacherState:
         self.vae = vae.eval().requires_grad_(False).to(self.device)
         self.ema_unet = EMA(self.unet, cfg.ema_decay)
         self.ema_text = EMA(self.text_encoder, cfg.ema_decay)
+        self.relation_head = None  # training only: see TeacherConfig.relation_weight
+        text_params = list(self.text_encoder.parameters())
+        if cfg.relation_weight > 0:
+            self.relation_head = torch.nn.Linear(cfg.text_hidden, len(RELATION_CLASSES)).to(self.device)
+            text_params += list(self.relation_head.parameters())
         self.opt = torch.optim.AdamW(
             [
                 {"params": self.unet.parameters(), "lr": cfg.lr},
-                {"params": self.text_encoder.parameters(), "lr": cfg.text_lr},
+                {"params": text_params, "lr": cfg.text_lr},
             ],
             weight_decay=0.01,
         )
@@ -199,7 +204,8 @@ class TeacherState:
         self.ema_text = EMA(self.text_encoder, self.ema_text.decay)
 
     def modules(self) -> dict:
-        return {"unet": self.unet, "text": self.text_encoder, "ema_unet": self.ema_unet, "ema_text": self.ema_text}
+        m = {"unet": self.unet, "text": self.text_encoder, "ema_unet": self.ema_unet, "ema_text": self.ema_text}
+        return m | ({"relation_head": self.relation_head} if self.relation_head is not None else {})
 
     def components(self, ema: bool = True) -> Components:
         """Copies of the current (EMA) weights as pipeline components."""
@@ -212,10 +218,22 @@ class TeacherState:
         return Components(self.tokenizer, text, unet, self.vae, dict(SD_SCHEDULER_CONFIG))
 
 
+RELATION_CLASSES = (None, *shapes.RELATIONS)  # the auxiliary head's classes; None: one object
+
+
+def relation_labels(prompts: list[str]) -> torch.Tensor:
+    """[B] class index of each prompt's relation in RELATION_CLASSES; -100 (ignored) for an
+    empty (dropped) caption."""
+    return torch.tensor(
+        [RELATION_CLASSES.index(shapes.parse_prompt(p).relation) if p else -100 for p in prompts]
+    )
+
+
 def train_step(
     state: TeacherState, latents: torch.Tensor, prompts: list[str], cfg: TeacherConfig, gen: torch.Generator
-) -> float:
-    """One denoising-score-matching step on scaled VAE latents [B, 4, 16, 16]; returns the loss.
+) -> dict[str, float]:
+    """One denoising-score-matching step on scaled VAE latents [B, 4, 16, 16]; returns
+    {"loss": the diffusion loss} (plus "relation", the auxiliary loss, when it is on).
     The random draws come from the CPU generator `gen` and are then moved: the same draws on
     every device."""
     b, dev = latents.shape[0], state.device
@@ -224,7 +242,7 @@ def train_step(
     ids = state.tokenizer(
         prompts, padding="max_length", max_length=cfg.max_length, truncation=True, return_tensors="pt"
     ).input_ids
-    cond = state.text_encoder(ids.to(dev))[0]
+    cond, pooled = state.text_encoder(ids.to(dev))[:2]
     t = torch.randint(0, state.schedule.num_train_timesteps, (b,), generator=gen)
     noise = torch.randn(latents.shape, generator=gen).to(dev)
     latents = latents.to(dev)
@@ -232,13 +250,18 @@ def train_step(
     pred = state.unet(x_t, t.to(dev), encoder_hidden_states=cond, return_dict=False)[0]
     per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))  # [B]
     loss = (per_sample * min_snr_weight(state.schedule, t, cfg.min_snr_gamma).to(dev)).mean()
+    out = {"loss": loss.item()}
+    if state.relation_head is not None:
+        rel = F.cross_entropy(state.relation_head(pooled), relation_labels(prompts).to(dev), ignore_index=-100)
+        out["relation"] = rel.item()
+        loss = loss + cfg.relation_weight * rel
     state.opt.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(list(state.unet.parameters()) + list(state.text_encoder.parameters()), 1.0)
+    torch.nn.utils.clip_grad_norm_([p for g in state.opt.param_groups for p in g["params"]], 1.0)
     state.opt.step()
     state.ema_unet.update(state.unet)
     state.ema_text.update(state.text_encoder)
-    return loss.item()
+    return out
 
 
 def sample_grid(
@@ -318,12 +341,12 @@ def train_unet(cfg: TeacherConfig, vae) -> TeacherState:
         for g, base in zip(state.opt.param_groups, (cfg.lr, cfg.text_lr), strict=True):
             g["lr"] = _lr_at(step, base, cfg.warmup)
         latents, prompts = next(data)
-        loss = train_step(state, latents, prompts, cfg, gen)
-        smooth = loss if smooth is None else 0.98 * smooth + 0.02 * loss
-        bar.set_postfix(loss=f"{smooth:.4f}")
+        losses = train_step(state, latents, prompts, cfg, gen)
+        smooth = losses if smooth is None else {k: 0.98 * smooth[k] + 0.02 * v for k, v in losses.items()}
+        bar.set_postfix({k: f"{v:.4f}" for k, v in smooth.items()})
         done = step + 1
         if done % 20 == 0:
-            log.write(json.dumps({"step": done, "loss": smooth, "time": time.time() - start}) + "\n")
+            log.write(json.dumps({"step": done, **smooth, "time": time.time() - start}) + "\n")
             log.flush()
         out_of_time = cfg.unet_minutes > 0 and time.time() - start > cfg.unet_minutes * 60
         if done % cfg.checkpoint_every == 0 or done == cfg.unet_steps or out_of_time:

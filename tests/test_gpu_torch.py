@@ -134,7 +134,7 @@ def test_teacher_trains_on_the_gpu(tmp_path):
         state = TeacherState(cfg, vae)
         state.load_weights(tmp_path / "fam")
         latents, prompts = next(latent_batches(cfg, state.vae, 0))
-        losses[dev] = train_step(state, latents, prompts, cfg, torch.Generator().manual_seed(0))
+        losses[dev] = train_step(state, latents, prompts, cfg, torch.Generator().manual_seed(0))["loss"]
     print(f"\nteacher loss, cpu {losses['cpu']:.5f} vs cuda {losses['cuda']:.5f}")
     assert abs(losses["cpu"] - losses["cuda"]) <= 1e-2 * abs(losses["cpu"])
 

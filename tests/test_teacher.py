@@ -73,3 +73,50 @@ def test_data_workers_draw_their_own_streams():
     assert b0[1] != b1[1]  # worker 1 does not repeat it
     with pytest.raises(ValueError, match="data_workers"):
         TeacherConfig(data_workers=0)
+
+
+def test_relation_head_trains_the_text_encoder_and_is_not_exported(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from teacher.train import RELATION_CLASSES, relation_labels
+
+    assert relation_labels(["a red circle", "a red circle above a blue square", ""]).tolist() == [
+        0, RELATION_CLASSES.index("above"), -100]  # fmt: skip
+    torch.set_num_threads(1)
+    cfg = TeacherConfig(out=str(tmp_path / "run"), vae_steps=1, vae_batch=2, unet_steps=2, batch_size=4,
+                        latent_pool=8, checkpoint_every=2, sample_every=100, relation_weight=1.0)  # fmt: skip
+    state = train_teacher(cfg, export_to=tmp_path / "fam")
+    assert state.relation_head is not None and state.relation_head.weight.grad is not None
+    ckpt = json.loads((tmp_path / "run" / "ckpt-unet" / "state.json").read_text())
+    assert ckpt["step"] == 2
+    from safetensors.torch import load_file
+
+    assert any(k.startswith("relation_head/") for k in load_file(tmp_path / "run" / "ckpt-unet" / "state.safetensors"))
+    cfg.unet_steps = 3
+    train_teacher(cfg)  # resumes with the head
+    assert json.loads((tmp_path / "run" / "ckpt-unet" / "state.json").read_text())["step"] == 3
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "fam")  # the head is not part of the model
+    assert not any("relation" in k for k in pipe.text_encoder.state_dict())
+    with pytest.raises(ValueError, match="relation_weight"):
+        TeacherConfig(relation_weight=-1)
+
+
+def test_relation_probe_reads_text_and_images(tiny):
+    from flash.data import shapes
+    from flash.pipeline import TextToImage
+    from teacher.relations import PAIRS, placement, text_separation
+
+    template, words, axis = PAIRS[0]
+    sep = text_separation(TextToImage(tiny), template, words)
+    assert sep["relation token"] > 0 and sep["colour swap, pooled"] > 0  # distinct inputs, distinct outputs
+
+    class Drawn:  # a "teacher" that always draws the red circle at x = 16, the blue square at x = 48
+        def teacher_latents(self, prompts, seeds, **_):
+            return seeds
+
+        def decode(self, seeds):
+            scene = shapes.Scene((shapes.Obj("red", "circle", 16, 16, 32), shapes.Obj("blue", "square", 16, 48, 32)))
+            return [shapes.render(scene) for _ in seeds]
+
+    assert placement(Drawn(), template.format(words[0]), axis, [0, 1], 5.0) == (100.0, -32.0, 2)
+    assert placement(Drawn(), template.format(words[1]), axis, [0, 1], 5.0) == (0.0, -32.0, 2)
