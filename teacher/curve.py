@@ -23,7 +23,8 @@ def checkpoint_components(run: Path):
     from diffusers import AutoencoderKL
 
     cfg = TeacherConfig.load(run / "config.json")
-    vae = AutoencoderKL.from_pretrained(run / "vae", use_safetensors=True)
+    vae_dir = Path(cfg.init_from) / "vae" if cfg.init_from else run / "vae"  # as train_teacher picks it
+    vae = AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True, torch_dtype=torch.float32)
     state = TeacherState(cfg, vae)
     step, _ = load_checkpoint(run / "ckpt-unet", state.modules(), {"opt": state.opt})
     return step, state

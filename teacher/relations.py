@@ -1,6 +1,8 @@
 """Does a teacher use the relation word? A probe for the spatial category of `flash eval`.
 
-    python -m teacher.relations FAMILY [--seeds 32] [--guidance-scale 5]
+    python -m teacher.relations FAMILY_OR_RUN [--seeds 32] [--guidance-scale 5]
+
+(a teacher run folder: the EMA weights of its latest checkpoint, while it trains)
 
 Two readings, both for opposite relation pairs (left / right, above / below) of one prompt:
 1. the text encoder: how far apart its outputs are at the relation token and at the pooled
@@ -15,6 +17,7 @@ Two readings, both for opposite relation pairs (left / right, above / below) of 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -66,12 +69,22 @@ def main(argv: list[str] | None = None) -> None:
     from flash.pipeline import TextToImage
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("family")
+    ap.add_argument("teacher", type=Path, help="a family folder, or a teacher run folder (its latest checkpoint)")
     ap.add_argument("--seeds", type=int, default=32)
     ap.add_argument("--guidance-scale", type=float, default=None)
     a = ap.parse_args(argv)
-    guidance = read_family_card(a.family).guidance_scale if a.guidance_scale is None else a.guidance_scale
-    pipe = TextToImage(load_components(a.family))
+    if (a.teacher / "ckpt-unet").is_dir():
+        from teacher.config import TeacherConfig
+        from teacher.curve import checkpoint_components
+
+        step, state = checkpoint_components(a.teacher)
+        print(f"{a.teacher}: checkpoint at step {step}, EMA weights")
+        components = state.components(ema=True)
+        card_guidance = TeacherConfig.load(a.teacher / "config.json").guidance_scale
+    else:
+        components, card_guidance = load_components(a.teacher), read_family_card(a.teacher).guidance_scale
+    guidance = card_guidance if a.guidance_scale is None else a.guidance_scale
+    pipe = TextToImage(components)
     seeds = list(range(100, 100 + a.seeds))
     for template, words, axis in PAIRS:
         sep = text_separation(pipe, template, words)

@@ -48,7 +48,7 @@ def test_tiny_run_trains_checkpoints_resumes_and_exports(tmp_path):
     assert pipe.unet.dtype == torch.float32 and pipe.tokenizer.model_max_length == 16
 
 
-def test_init_from_a_shipped_teacher_continues_its_weights(tmp_path):
+def test_init_from_a_shipped_teacher_continues_its_weights(tmp_path, capsys):
     from diffusers import UNet2DConditionModel
 
     torch.set_num_threads(1)
@@ -61,6 +61,17 @@ def test_init_from_a_shipped_teacher_continues_its_weights(tmp_path):
     state = train_teacher(cont)
     assert not (tmp_path / "b" / "vae").exists()  # the shipped VAE is reused, not retrained
     assert torch.equal(state.unet.conv_in.weight, shipped.conv_in.weight)
+
+    # an init_from run's checkpoint is read with the shipped VAE (teacher.curve, teacher.relations)
+    from teacher.curve import checkpoint_components
+    from teacher.relations import main as relations
+
+    train_teacher(TeacherConfig(**{**cont.to_dict(), "unet_steps": 1, "checkpoint_every": 1, "sample_every": 100}))
+    step, _ = checkpoint_components(tmp_path / "b")
+    assert step == 1
+    relations([str(tmp_path / "b"), "--seeds", "1"])
+    out = capsys.readouterr().out
+    assert "checkpoint at step 1" in out and out.count("spatial") == 4
 
 
 def test_data_workers_draw_their_own_streams():
