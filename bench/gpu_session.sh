@@ -14,9 +14,9 @@
 # 4. with TRAIN_MINUTES > 0: the distill configs (default configs/gpu/shapes64-{3,2,1}step.json)
 #    train side by side on the GPU, in the background, each into the "out" its config names
 #    (TRAIN_SLACK, default 150 s, is each run's time beyond TRAIN_MINUTES before it is killed)
-# 5. meanwhile pytest -m gpu (capped at PYTEST_CAP, default 300 s) on $GPU_TESTS (default: the torch backend in fp16 and with
-#    torch.compile + CUDA graphs, the service on CUDA, distillation on CUDA, and the TensorRT
-#    tests, which skip without tensorrt)
+# 5. meanwhile pytest -m gpu (capped at PYTEST_CAP, default 300 s) on $GPU_TESTS (default: the
+#    torch backend in fp16 and with torch.compile + CUDA graphs, the service on CUDA, distillation
+#    and the teacher's training on CUDA, and the TensorRT tests, which skip without tensorrt)
 # Logs and the students are packed into OUT_DIR (logs.tgz, student-<config name>.tgz).
 #
 # The GPU images seen on 2026-11-26 (H200 and H100, torch 2.11.0+cu130) lacked diffusers,

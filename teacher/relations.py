@@ -32,8 +32,8 @@ PAIRS = (  # (prompt template, opposite words, the axis they move along)
 
 @torch.no_grad()
 def text_separation(pipe, template: str, words: tuple[str, str]) -> dict[str, float]:
-    """Output distances between the two words' prompts: at the first differing token, at the
-    pooled token, and (for scale) at the same token when the two colours are swapped."""
+    """Output distances between the two words' prompts at the first token where they differ and
+    at the pooled token; for scale, the pooled distance that swapping the two colours makes."""
     c = pipe.c
     swapped = template.format(words[0]).replace("red", "@").replace("blue", "red").replace("@", "blue")
     prompts = [template.format(words[0]), template.format(words[1]), swapped]
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         components, card_guidance = load_components(a.teacher), read_family_card(a.teacher).guidance_scale
     guidance = card_guidance if a.guidance_scale is None else a.guidance_scale
-    pipe = TextToImage(components)
+    pipe = TextToImage(components, components.unet.device)  # a run's checkpoint loads on its device
     seeds = list(range(100, 100 + a.seeds))
     for template, words, axis in PAIRS:
         sep = text_separation(pipe, template, words)
