@@ -111,10 +111,14 @@ def image_batches(seed: int, batch_size: int, p_two: float, workers: int = 1):
 
 
 def resolve_device(name: str) -> torch.device:
-    """"auto": CUDA when present, else CPU."""
+    """TeacherConfig.device: "auto" is CUDA when present, else CPU; asking for CUDA on a machine
+    without it is a ValueError naming the setting (before any model is built)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"TeacherConfig.device is {name!r} but torch sees no CUDA device; use \"auto\" or \"cpu\"")
+    return device
 
 
 def _lr_at(step: int, base: float, warmup: int) -> float:

@@ -86,6 +86,16 @@ def test_data_workers_draw_their_own_streams():
         TeacherConfig(data_workers=0)
 
 
+def test_device_setting():
+    from teacher.train import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="TeacherConfig.device"):
+            resolve_device("cuda")
+
+
 def test_relation_head_trains_the_text_encoder_and_is_not_exported(tmp_path):
     from diffusers import StableDiffusionPipeline
 
@@ -103,6 +113,11 @@ def test_relation_head_trains_the_text_encoder_and_is_not_exported(tmp_path):
     from safetensors.torch import load_file
 
     assert any(k.startswith("relation_head/") for k in load_file(tmp_path / "run" / "ckpt-unet" / "state.safetensors"))
+    from teacher.train import latent_batches, train_step
+
+    latents, prompts = next(latent_batches(cfg, state.vae, 0))
+    losses = train_step(state, latents, prompts, cfg, torch.Generator().manual_seed(0))
+    assert set(losses) == {"loss", "relation"} and losses["relation"] > 0
     cfg.unet_steps = 3
     train_teacher(cfg)  # resumes with the head
     assert json.loads((tmp_path / "run" / "ckpt-unet" / "state.json").read_text())["step"] == 3
