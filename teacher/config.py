@@ -42,6 +42,10 @@ class TeacherConfig:
     caption_dropout: float = 0.1
     p_two: float = 0.6
     min_snr_gamma: float = 5.0  # 0 disables Min-SNR loss weighting
+    # > 0: a floor on the loss weight of the noisiest steps, in x0 terms (the eps loss is SNR times
+    # the x0 loss, so plain eps-prediction hardly weighs the steps where the layout is decided):
+    # x0 weight = clamp(SNR, snr_floor, min_snr_gamma). 1.0 is Salimans & Ho's truncated SNR.
+    snr_floor: float = 0.0
     # > 0: an auxiliary loss on the text encoder (training only, not exported): a linear head
     # classifies each prompt's relation (none / left / right / above / below) from its pooled
     # output. A from-scratch text encoder otherwise leaves relation words near their initial
@@ -60,6 +64,8 @@ class TeacherConfig:
             raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
         if not 0 <= self.p_two <= 1:
             raise ValueError(f"p_two must be in [0, 1], got {self.p_two}")
+        if self.snr_floor < 0 or (self.min_snr_gamma > 0 and self.snr_floor > self.min_snr_gamma):
+            raise ValueError(f"snr_floor must be in [0, min_snr_gamma], got {self.snr_floor}")
         if self.relation_weight < 0:
             raise ValueError(f"relation_weight must be >= 0, got {self.relation_weight}")
         if self.data_workers < 1:

@@ -160,11 +160,15 @@ def train_vae(cfg: TeacherConfig) -> Path:
     return out
 
 
-def min_snr_weight(schedule: NoiseSchedule, t: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Min-SNR-gamma loss weight for eps-prediction: min(SNR, gamma) / SNR (Hang et al. 2023)."""
+def min_snr_weight(schedule: NoiseSchedule, t: torch.Tensor, gamma: float, floor: float = 0.0) -> torch.Tensor:
+    """Loss weight for eps-prediction: min(SNR, gamma) / SNR (Min-SNR-gamma, Hang et al. 2023),
+    with the x0-equivalent weight raised to `floor` at the noisy end when floor > 0:
+    clamp(SNR, floor, gamma) / SNR (floor 1: truncated SNR, Salimans & Ho 2022)."""
     abar = schedule.alphas_cumprod[t].float()
     snr = abar / (1 - abar)
-    return torch.clamp(snr, max=gamma) / snr if gamma > 0 else torch.ones_like(snr)
+    if gamma <= 0 and floor <= 0:
+        return torch.ones_like(snr)
+    return torch.clamp(snr, min=floor if floor > 0 else None, max=gamma if gamma > 0 else None) / snr
 
 
 class TeacherState:
@@ -253,7 +257,7 @@ def train_step(
     x_t = state.schedule.add_noise(latents, noise, t)
     pred = state.unet(x_t, t.to(dev), encoder_hidden_states=cond, return_dict=False)[0]
     per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))  # [B]
-    loss = (per_sample * min_snr_weight(state.schedule, t, cfg.min_snr_gamma).to(dev)).mean()
+    loss = (per_sample * min_snr_weight(state.schedule, t, cfg.min_snr_gamma, cfg.snr_floor).to(dev)).mean()
     out = {"loss": loss.item()}
     if state.relation_head is not None:
         rel = F.cross_entropy(state.relation_head(pooled), relation_labels(prompts).to(dev), ignore_index=-100)

@@ -27,6 +27,12 @@ def test_min_snr_weight():
     w = min_snr_weight(s, torch.tensor([0, 999]), 5.0)
     assert w[0] < 0.01 and w[1] == 1.0  # clean end down-weighted, noisy end untouched
     assert torch.equal(min_snr_weight(s, torch.tensor([0, 500]), 0.0), torch.ones(2))
+    snr999 = float(s.alphas_cumprod[999] / (1 - s.alphas_cumprod[999]))
+    floored = min_snr_weight(s, torch.tensor([0, 999]), 5.0, floor=1.0)
+    assert floored[0] == w[0]  # the clean end keeps its Min-SNR weight
+    assert floored[1].item() == pytest.approx(1 / snr999, rel=1e-5)  # the noisy end weighs like an x0 loss of weight 1
+    with pytest.raises(ValueError, match="snr_floor"):
+        TeacherConfig(snr_floor=6.0)
 
 
 def test_tiny_run_trains_checkpoints_resumes_and_exports(tmp_path):
