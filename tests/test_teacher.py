@@ -69,7 +69,10 @@ def test_init_from_a_shipped_teacher_continues_its_weights(tmp_path, capsys):
     assert torch.equal(state.unet.conv_in.weight, shipped.conv_in.weight)
 
     # an init_from run's checkpoint is read with the shipped VAE (teacher.curve, teacher.relations)
+    from diffusers import StableDiffusionPipeline
+
     from teacher.curve import checkpoint_components
+    from teacher.curve import main as curve
     from teacher.relations import main as relations
 
     train_teacher(TeacherConfig(**{**cont.to_dict(), "unet_steps": 1, "checkpoint_every": 1, "sample_every": 100}))
@@ -78,6 +81,13 @@ def test_init_from_a_shipped_teacher_continues_its_weights(tmp_path, capsys):
     relations([str(tmp_path / "b"), "--seeds", "1"])
     out = capsys.readouterr().out
     assert "checkpoint at step 1" in out and out.count("spatial") == 4
+    curve([str(tmp_path / "b"), "--n", "2", "--steps", "2", "--split", "validation", "--export", str(tmp_path / "c1")])
+    point = json.loads((tmp_path / "b" / "curve.jsonl").read_text().splitlines()[-1])
+    assert point["step"] == 1 and point["split"] == "validation" and point["n"] == 2
+    assert "overall" in point["alignment"]
+    exported = StableDiffusionPipeline.from_pretrained(tmp_path / "c1")  # the checkpoint as a teacher folder
+    ema = checkpoint_components(tmp_path / "b")[1].components(ema=True).unet.conv_in.weight
+    assert torch.equal(exported.unet.conv_in.weight.float(), ema.half().float())
 
 
 def test_data_workers_draw_their_own_streams():
