@@ -9,7 +9,8 @@ from distill.config import DistillConfig
 from distill.decoder import DecoderConfig
 from teacher.config import TeacherConfig
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.json"))
+ROOT = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = sorted(ROOT.rglob("*.json"))
 
 
 def stage_config(path: Path):
@@ -22,7 +23,7 @@ def test_there_are_configs():
     assert len(CONFIGS) > 10
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.relative_to(p.parents[1] if p.parent.name != "configs" else p.parent).as_posix())
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_config_loads(path):
     cfg = stage_config(path).load(path)
     assert cfg.out.startswith("runs/")  # training output goes to the ignored runs/ folder
