@@ -46,6 +46,10 @@ class TeacherConfig:
     # the x0 loss, so plain eps-prediction hardly weighs the steps where the layout is decided):
     # x0 weight = clamp(SNR, snr_floor, min_snr_gamma). 1.0 is Salimans & Ho's truncated SNR.
     snr_floor: float = 0.0
+    # the U-Net step from which snr_floor applies (0: from the start). The shipped teacher got its
+    # floor after 4,800 steps without one; a floor from step 0 did not learn the relations in 8,313
+    # steps (docs/results.md, "From scratch in under 2 hours")
+    snr_floor_start: int = 0
     # > 0: an auxiliary loss on the text encoder (training only, not exported): a linear head
     # classifies each prompt's relation (none / left / right / above / below) from its pooled
     # output. A from-scratch text encoder otherwise leaves relation words near their initial
@@ -70,7 +74,7 @@ class TeacherConfig:
             raise ValueError(f"relation_weight must be >= 0, got {self.relation_weight}")
         if self.data_workers < 1:
             raise ValueError(f"data_workers must be >= 1, got {self.data_workers}")
-        for f in ("vae_steps", "unet_steps", "batch_size", "vae_batch"):
+        for f in ("vae_steps", "unet_steps", "batch_size", "vae_batch", "snr_floor_start"):
             if getattr(self, f) < 0:
                 raise ValueError(f"{f} must be >= 0, got {getattr(self, f)}")
 

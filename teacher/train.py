@@ -237,12 +237,22 @@ def relation_labels(prompts: list[str]) -> torch.Tensor:
     )
 
 
+def snr_floor_at(cfg: TeacherConfig, step: int) -> float:
+    """The x0-weight floor in force at U-Net step `step` (0: none yet)."""
+    return cfg.snr_floor if step >= cfg.snr_floor_start else 0.0
+
+
 def train_step(
-    state: TeacherState, latents: torch.Tensor, prompts: list[str], cfg: TeacherConfig, gen: torch.Generator
+    state: TeacherState,
+    latents: torch.Tensor,
+    prompts: list[str],
+    cfg: TeacherConfig,
+    gen: torch.Generator,
+    step: int = 0,
 ) -> dict[str, float]:
-    """One denoising-score-matching step on scaled VAE latents [B, 4, 16, 16]; returns
-    {"loss": the diffusion loss} (plus "relation", the auxiliary loss, when it is on).
-    The random draws come from the CPU generator `gen` and are then moved: the same draws on
+    """One denoising-score-matching step on scaled VAE latents [B, 4, 16, 16] at U-Net step
+    `step`; returns {"loss": the diffusion loss} (plus "relation", the auxiliary loss, when it is
+    on). The random draws come from the CPU generator `gen` and are then moved: the same draws on
     every device."""
     b, dev = latents.shape[0], state.device
     drop = torch.rand(b, generator=gen) < cfg.caption_dropout
@@ -257,7 +267,7 @@ def train_step(
     x_t = state.schedule.add_noise(latents, noise, t)
     pred = state.unet(x_t, t.to(dev), encoder_hidden_states=cond, return_dict=False)[0]
     per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))  # [B]
-    loss = (per_sample * min_snr_weight(state.schedule, t, cfg.min_snr_gamma, cfg.snr_floor).to(dev)).mean()
+    loss = (per_sample * min_snr_weight(state.schedule, t, cfg.min_snr_gamma, snr_floor_at(cfg, step)).to(dev)).mean()
     out = {"loss": loss.item()}
     if state.relation_head is not None:
         rel = F.cross_entropy(state.relation_head(pooled), relation_labels(prompts).to(dev), ignore_index=-100)
@@ -349,7 +359,7 @@ def train_unet(cfg: TeacherConfig, vae) -> TeacherState:
         for g, base in zip(state.opt.param_groups, (cfg.lr, cfg.text_lr), strict=True):
             g["lr"] = _lr_at(step, base, cfg.warmup)
         latents, prompts = next(data)
-        losses = train_step(state, latents, prompts, cfg, gen)
+        losses = train_step(state, latents, prompts, cfg, gen, step)
         smooth = losses if smooth is None else {k: 0.98 * smooth[k] + 0.02 * v for k, v in losses.items()}
         bar.set_postfix({k: f"{v:.4f}" for k, v in smooth.items()})
         done = step + 1

@@ -35,6 +35,30 @@ def test_min_snr_weight():
         TeacherConfig(snr_floor=6.0)
 
 
+def test_snr_floor_switches_on_at_its_start_step():
+    from teacher.train import TeacherState, build_vae, snr_floor_at, train_step
+
+    cfg = TeacherConfig(snr_floor=1.0, snr_floor_start=100)
+    assert (snr_floor_at(cfg, 99), snr_floor_at(cfg, 100)) == (0.0, 1.0)
+    assert snr_floor_at(TeacherConfig(snr_floor=1.0), 0) == 1.0  # default: from the start
+    torch.set_num_threads(1)
+    latents = torch.randn(8, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    prompts = ["a red circle above a blue square", "a small green triangle"] * 4
+
+    def first_loss(c: TeacherConfig, step: int) -> float:  # fresh weights (seeded), the same draws
+        return train_step(TeacherState(c, build_vae(c)), latents, prompts, c, torch.Generator().manual_seed(0), step)[
+            "loss"
+        ]
+
+    plain = first_loss(TeacherConfig(), 0)
+    assert first_loss(cfg, 99) == plain  # before its start the floor is off
+    floored = first_loss(cfg, 100)
+    assert floored > plain  # the noisy steps weigh more
+    assert floored == first_loss(TeacherConfig(snr_floor=1.0), 0)
+    with pytest.raises(ValueError, match="snr_floor_start"):
+        TeacherConfig(snr_floor_start=-1)
+
+
 def test_tiny_run_trains_checkpoints_resumes_and_exports(tmp_path):
     from diffusers import StableDiffusionPipeline
 
