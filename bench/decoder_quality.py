@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
         latents = {"teacher, 25 steps, CFG": full.teacher_latents(prompts, seeds, 25)}
         for steps, s in sorted(fam.students.items(), reverse=True):
             latents[f"{steps}-step student"] = full.student_latents(
-                s.unet, prompts, seeds, s.card.timesteps, s.card.noise_correction
+                s.unet, prompts, seeds, s.card.timesteps, s.card.noise_correction, s.card.prediction_type
             )
         for name, lat in latents.items():
             a, b = full.decode(lat), fast.decode(lat)

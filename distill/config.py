@@ -12,7 +12,7 @@ from pathlib import Path
 
 from flash.config import load_config
 from flash.pipeline import COMPILE_MODES
-from flash.schedule import validate_timesteps
+from flash.schedule import PREDICTION_TYPES, validate_timesteps
 from flash.scheduler import DEFAULT_TIMESTEPS
 
 PROMPT_SOURCES = ("shapes", "file")
@@ -43,6 +43,10 @@ class DistillConfig:
     backward: bool = True  # False: forward distillation (x_t noised from real data)
     srl: bool = True  # False: identity gamma (re-noise to t itself)
     noise_correction: bool = True
+    # the student's output: "" the teacher's parameterisation (the paper); "sample" or
+    # "v_prediction" read it as x0 or v, so that at t = T an output error is not multiplied by
+    # sigma_T / alpha_T (~15 for SD's schedule) on its way to x0 (not in the paper)
+    prediction_type: str = ""
     gamma: list[list[int]] = field(default_factory=lambda: [[900, 990], [500, 950], [-1, 200]])
     # the noise that re-noises the student's x0 to gamma(t): "fresh" (the paper) or "x_T", the
     # trajectory's own starting noise (not in the paper): the target becomes a deterministic
@@ -97,6 +101,9 @@ class DistillConfig:
                 raise ValueError(f"gamma value {g} out of range [0, 999] in {self.gamma}")
         if self.save_dtype not in SAVE_DTYPES:
             raise ValueError(f"unknown save_dtype {self.save_dtype!r}; allowed: {', '.join(SAVE_DTYPES)}")
+        if self.prediction_type and self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"unknown prediction_type {self.prediction_type!r}; allowed: '' (the teacher's), "
+                             f"{', '.join(PREDICTION_TYPES)}")  # fmt: skip
         if self.srl_noise not in SRL_NOISES:
             raise ValueError(f"unknown srl_noise {self.srl_noise!r}; allowed: {', '.join(SRL_NOISES)}")
         if self.compile_teacher not in COMPILE_MODES:

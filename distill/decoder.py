@@ -131,7 +131,8 @@ def build_pool(cfg: DecoderConfig) -> dict[str, torch.Tensor]:
         s = students[(i // per) % len(students)]
         batch = prompts[i : i + per]
         seeds = [cfg.seed * 1_000_003 + 5_000_000 + i + j for j in range(len(batch))]
-        lat.append(pipe.student_latents(s.unet, batch, seeds, s.card.timesteps, s.card.noise_correction))
+        lat.append(pipe.student_latents(s.unet, batch, seeds, s.card.timesteps, s.card.noise_correction,
+                                            s.card.prediction_type))
     lat = torch.cat(lat)
     for z in tqdm(lat.split(cfg.batch_size), desc="pool: targets", dynamic_ncols=True):
         img.append(vae.decode(z / sf).sample)

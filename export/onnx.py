@@ -467,11 +467,12 @@ def measure_parity(
     pipeline: dict[str, float] = {}
     for steps, s in sorted(family.students.items()):
         ref_img = t2i.decode(
-            t2i.student_latents(s.unet, prompts, seeds, s.card.timesteps, s.card.noise_correction)
+            t2i.student_latents(s.unet, prompts, seeds, s.card.timesteps, s.card.noise_correction, s.card.prediction_type)
         )
         be = ort.students[steps]
         lat = run_student(
-            be.denoise, t2i.noise(seeds), be.encode(prompts), t2i.schedule, s.card.timesteps, None,
+            be.denoise, t2i.noise(seeds), be.encode(prompts), t2i.student_schedule(s.card.prediction_type),
+            s.card.timesteps, None,
             s.card.noise_correction,
         )  # fmt: skip
         img = be.decode(lat)

@@ -52,7 +52,7 @@ def _cmd_generate(a: argparse.Namespace) -> None:
             raise CliError(f"no {steps}-step student in {family / 'students'}; train one with `flash distill`")
         s = load_student(folder)
         nc = s.card.noise_correction and not a.no_noise_correction
-        lat = pipe.student_latents(s.unet, prompts, seeds, s.card.timesteps, nc)
+        lat = pipe.student_latents(s.unet, prompts, seeds, s.card.timesteps, nc, s.card.prediction_type)
     images = pipe.decode(lat)
     out = Path(a.out)
     if a.n == 1:

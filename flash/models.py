@@ -221,9 +221,10 @@ def save_student(unet, card: StudentCard, folder: Path, scheduler_config: dict, 
     folder.mkdir(parents=True, exist_ok=True)
     to_save = unet if dtype is None else _cast_copy(unet, dtype)
     to_save.save_pretrained(folder, safe_serialization=True)
-    schedule_keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type")
+    schedule_keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
     FlashScheduler(
         **{k: scheduler_config[k] for k in schedule_keys if k in scheduler_config},
+        prediction_type=card.prediction_type,  # the student's own, which may differ from its teacher's
         timesteps=card.timesteps,
         noise_correction=card.noise_correction,
     ).save_pretrained(folder)

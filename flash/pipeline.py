@@ -8,6 +8,7 @@ seeded image is the same alone or inside a batch and matches the stock pipeline.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Literal, get_args
 
@@ -89,12 +90,25 @@ class TextToImage:
         img = (img / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
         return (img * 255).round().astype(np.uint8)
 
+    def student_schedule(self, prediction_type: str | None = None) -> NoiseSchedule:
+        """The teacher's noise schedule read in a student's own parameterisation (None: the teacher's)."""
+        if prediction_type is None or prediction_type == self.schedule.prediction_type:
+            return self.schedule
+        return dataclasses.replace(self.schedule, prediction_type=prediction_type)
+
     @torch.no_grad()
     def student_latents(
-        self, unet, prompts: Sequence[str], seeds: Sequence[int], timesteps: Sequence[int], noise_correction=True
+        self,
+        unet,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        timesteps: Sequence[int],
+        noise_correction=True,
+        prediction_type: str | None = None,
     ) -> Tensor:
         cond = self.encode(prompts)
-        return run_student(unet_denoiser(unet), self.noise(seeds), cond, self.schedule, timesteps, None, noise_correction)
+        schedule = self.student_schedule(prediction_type)
+        return run_student(unet_denoiser(unet), self.noise(seeds), cond, schedule, timesteps, None, noise_correction)
 
     @torch.no_grad()
     def teacher_latents(

@@ -218,6 +218,31 @@ def test_student_init_starts_from_another_student_and_save_dtype_casts(family, t
                                           "minutes": load_student(first).card.distill["minutes"], "device": "cpu"}]
 
 
+@pytest.mark.parametrize("prediction_type", ["sample", "v_prediction"])
+def test_a_student_in_its_own_parameterisation_trains_samples_and_saves_it(family, tmp_path, prediction_type):
+    from flash.pipeline import TextToImage
+    from flash.sampling import ddim_step
+    from flash.scheduler import FlashScheduler
+
+    cfg = _cfg(family, tmp_path, steps=1, max_steps=1, prediction_type=prediction_type)
+    s = load_student(trainer.distill(cfg, progress=False))
+    assert s.card.prediction_type == prediction_type  # the teacher's is "epsilon"
+    assert FlashScheduler.from_pretrained(s.path).config.prediction_type == prediction_type
+    pipe = TextToImage(load_components(Path(family)))
+    assert pipe.schedule.prediction_type == "epsilon"
+    # one step from x_T reads the output as x0 / v: x0 = out, or alpha_T x_T - sigma_T out
+    prompts, seeds = ["a red circle"], [0]
+    x_T = pipe.noise(seeds)
+    with torch.no_grad():
+        out = s.unet(x_T, torch.tensor([999]), encoder_hidden_states=pipe.encode(prompts)).sample
+    got = pipe.student_latents(s.unet, prompts, seeds, [999], True, s.card.prediction_type)
+    alpha, sigma = SCHED.alpha_sigma(torch.tensor([999]), x_T)
+    want = out if prediction_type == "sample" else alpha * x_T - sigma * out
+    torch.testing.assert_close(got, want)
+    as_eps, _ = ddim_step(SCHED, x_T, out, torch.tensor([999]), torch.tensor([-1]))  # read as eps: different
+    assert not torch.allclose(got, as_eps, atol=1e-3)
+
+
 def test_student_init_must_fit_the_teacher(family, tmp_path):
     from flash.models import save_components
     from flash.tiny import tiny_components
@@ -238,6 +263,7 @@ def test_student_init_must_fit_the_teacher(family, tmp_path):
         (dict(gamma=[[500, 1200]]), "1200"),
         (dict(srl_noise="old"), "x_T"),
         (dict(compile_teacher="fast"), "reduce-overhead"),
+        (dict(prediction_type="flow"), "v_prediction"),
     ],
 )
 def test_bad_config(kw, match):

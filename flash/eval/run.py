@@ -62,7 +62,7 @@ def generate(pipe: TextToImage, row: Row, prompts: list[str], seeds: list[int], 
         lat = pipe.teacher_latents(prompts, seeds, row.steps, row.guidance_scale, row.scheduler)
     else:
         nc = student.card.noise_correction if row.noise_correction is None else row.noise_correction
-        lat = pipe.student_latents(student.unet, prompts, seeds, student.card.timesteps, nc)
+        lat = pipe.student_latents(student.unet, prompts, seeds, student.card.timesteps, nc, student.card.prediction_type)
     return pipe.decode(lat)
 
 
