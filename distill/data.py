@@ -20,9 +20,15 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 Batch = tuple[list[str], np.ndarray | None]  # prompts, uint8 images [B, H, W, 3] or None
 
 
-def shapes_stream(seed: int, batch_size: int) -> Iterator[Batch]:
-    for images, prompts in shapes.batches(seed, batch_size):
-        yield prompts, images
+def shapes_stream(seed: int, batch_size: int, workers: int = 0) -> Iterator[Batch]:
+    """Shapes-64 prompts with their rendered images; `workers` > 0 renders them in that many
+    processes beside the training step (worker 0 draws the same stream as `workers` = 0)."""
+    if workers == 0:
+        for images, prompts in shapes.batches(seed, batch_size):
+            yield prompts, images
+    else:
+        for images, prompts in shapes.worker_batches(seed, batch_size, workers=workers):
+            yield prompts, images.numpy()
 
 
 def prompt_file_stream(path: str | Path, seed: int, batch_size: int) -> Iterator[Batch]:
@@ -52,7 +58,7 @@ def image_folder_stream(path: str | Path, seed: int, batch_size: int, size: int)
 
 def make_stream(cfg, image_size: int, seed: int) -> Iterator[Batch]:
     if cfg.prompts == "shapes":
-        return shapes_stream(seed, cfg.batch_size)
+        return shapes_stream(seed, cfg.batch_size, cfg.data_workers)
     if cfg.real_images:
         return image_folder_stream(cfg.real_images, seed, cfg.batch_size, image_size)
     return prompt_file_stream(cfg.prompts_file, seed, cfg.batch_size)

@@ -95,19 +95,8 @@ def build_unet(cfg: TeacherConfig):
 
 
 def image_batches(seed: int, batch_size: int, p_two: float, workers: int = 1):
-    """Rendered batches from worker processes, overlapping the training step; worker w draws
-    its own stream from seed + 7919 w (the DataLoader takes the workers' batches in turn)."""
-
-    class Stream(torch.utils.data.IterableDataset):
-        def __iter__(self):
-            torch.set_num_threads(1)
-            worker = torch.utils.data.get_worker_info()
-            own_seed = seed + 7919 * (worker.id if worker is not None else 0)
-            for images, prompts in shapes.batches(own_seed, batch_size, p_two):
-                yield shapes.to_tensor_range(images), prompts
-
-    loader = torch.utils.data.DataLoader(Stream(), batch_size=None, num_workers=workers, prefetch_factor=4)
-    return iter(loader)
+    """Rendered batches in [-1, 1] from worker processes (`shapes.worker_batches`)."""
+    return shapes.worker_batches(seed, batch_size, p_two, workers, transform=shapes.to_tensor_range)
 
 
 def resolve_device(name: str) -> torch.device:

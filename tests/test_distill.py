@@ -134,6 +134,18 @@ def test_srl_noise_is_fresh_or_the_trajectory_x_T(family, tmp_path, monkeypatch,
     assert torch.equal(seen["noise"], seen["x_T"]) == (srl_noise == "x_T")
 
 
+def test_data_workers_render_the_same_stream_beside_the_step(family, tmp_path):
+    def first_batches(workers: int, n: int = 2):
+        stream = trainer.make_stream(_cfg(family, tmp_path, batch_size=3, data_workers=workers), 64, 5)
+        return [next(stream) for _ in range(n)]
+
+    (p0, i0), (p1, i1) = first_batches(0)
+    (q0, j0), (q1, j1) = first_batches(1)
+    assert (p0, p1) == (q0, q1) and i0.dtype == j0.dtype == "uint8" and (i0 == j0).all() and (i1 == j1).all()
+    (r0, _), (r1, _) = first_batches(2)
+    assert r0 == p0 and r1 != p1  # the second worker draws its own stream
+
+
 def test_compiled_teacher_makes_the_srl_target(family, tmp_path, monkeypatch):
     calls = []
 
@@ -264,6 +276,7 @@ def test_student_init_must_fit_the_teacher(family, tmp_path):
         (dict(srl_noise="old"), "x_T"),
         (dict(compile_teacher="fast"), "reduce-overhead"),
         (dict(prediction_type="flow"), "v_prediction"),
+        (dict(data_workers=-1), "data_workers"),
     ],
 )
 def test_bad_config(kw, match):

@@ -195,6 +195,25 @@ def batches(seed: int, batch_size: int, p_two: float = 0.5) -> Iterator[tuple[np
         yield np.stack([render(s) for s in batch]), [s.prompt for s in batch]
 
 
+def worker_batches(seed: int, batch_size: int, p_two: float = 0.5, workers: int = 1, transform=None):
+    """`batches` rendered in `workers` processes, overlapping the consumer's work (a training
+    step); worker w draws its own stream from seed + 7919 w, and the batches come in turn.
+    `transform` maps each batch's images (e.g. to a tensor range) inside the worker; the
+    images come back as torch tensors."""
+    import torch
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            torch.set_num_threads(1)
+            worker = torch.utils.data.get_worker_info()
+            own_seed = seed + 7919 * (worker.id if worker is not None else 0)
+            for images, prompts in batches(own_seed, batch_size, p_two):
+                yield (images if transform is None else transform(images)), prompts
+
+    loader = torch.utils.data.DataLoader(Stream(), batch_size=None, num_workers=workers, prefetch_factor=4)
+    return iter(loader)
+
+
 def eval_prompts(n: int = 500, seed: int = 1234) -> list[str]:
     """The fixed evaluation prompt set: half one-object, half two-object scenes."""
     rng = np.random.default_rng(seed)
