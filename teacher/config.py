@@ -47,8 +47,8 @@ class TeacherConfig:
     # x0 weight = clamp(SNR, snr_floor, min_snr_gamma). 1.0 is Salimans & Ho's truncated SNR.
     snr_floor: float = 0.0
     # the U-Net step from which snr_floor applies (0: from the start). The shipped teacher got its
-    # floor after 4,800 steps without one; a floor from step 0 did not learn the relations in 8,313
-    # steps (docs/results.md, "From scratch in under 2 hours")
+    # floor after 4,800 steps without one; neither a floor from step 0 (8,313 steps) nor one from
+    # step 4,000 of 10,000 learned the relations (docs/results.md, "From scratch in under 2 hours")
     snr_floor_start: int = 0
     # > 0: an auxiliary loss on the text encoder (training only, not exported): a linear head
     # classifies each prompt's relation (none / left / right / above / below) from its pooled
