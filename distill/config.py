@@ -39,7 +39,7 @@ class DistillConfig:
     real_images: str = ""  # folder of image + same-name .txt caption pairs; "" with prompts=file: data-free
     batch_size: int = 16
     # processes rendering shapes-64 images beside the step (0: in the training process); on a
-    # GPU the rendering of a batch of 256 (~0.4 s on one core) is as long as the step itself
+    # GPU, rendering a batch of 256 (~0.4 s on one core) was up to half of a ~1 s step
     data_workers: int = 0
 
     # the method (paper sections 4.1-4.3); each switch reproduces an ablation of Table 3
