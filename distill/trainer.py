@@ -54,7 +54,7 @@ SAMPLE_PROMPTS = [
 class Models:
     teacher: Components
     pipe: TextToImage  # teacher text encoder / VAE / schedule (frozen)
-    schedule: NoiseSchedule  # the teacher's, read in the student's parameterisation
+    student_schedule: NoiseSchedule  # the teacher's schedule, read in the student's parameterisation
     student: torch.nn.Module  # possibly DDP-wrapped
     ema: EMA
     opt: torch.optim.Optimizer
@@ -83,9 +83,9 @@ def build_models(cfg: DistillConfig, accelerator) -> Models:
         student, opt, disc, opt_d = accelerator.prepare(student, opt, disc, opt_d)
     else:
         student, opt = accelerator.prepare(student, opt)
-    schedule = pipe.student_schedule(cfg.prediction_type or None)
-    return Models(teacher, pipe, schedule, student, ema, opt, teacher_denoiser(teacher.unet, cfg.compile_teacher), disc,
-                  opt_d)  # fmt: skip
+    student_schedule = pipe.student_schedule(cfg.prediction_type or None)
+    teacher_denoise = teacher_denoiser(teacher.unet, cfg.compile_teacher)
+    return Models(teacher, pipe, student_schedule, student, ema, opt, teacher_denoise, disc, opt_d)
 
 
 def optimizer_settings(cfg: DistillConfig) -> dict[str, dict]:
@@ -182,12 +182,13 @@ def distill_step(
     #    (forward ablation: x_t noised from real data instead)
     with torch.no_grad():
         if cfg.backward:
-            x_t = run_student(unet_denoiser(student), x_T, cond, m.schedule, cfg.timesteps, i, cfg.noise_correction)
+            x_t = run_student(unet_denoiser(student), x_T, cond, m.student_schedule, cfg.timesteps, i,
+                              cfg.noise_correction)  # fmt: skip
         else:
             x_t = schedule.add_noise(real, x_T, t)
     # 3. the student's x0 prediction at t, with grad
     out = m.student(x_t, t, encoder_hidden_states=cond, return_dict=False)[0]
-    x0, _ = m.schedule.split(out, x_t, t)
+    x0, _ = m.student_schedule.split(out, x_t, t)
     # 4. shifted reconstruction loss (eq. 8); srl=False: identity gamma
     gamma = shifted_timestep(t, cfg.gamma) if cfg.srl else t
     noise = torch.randn(x0.shape, generator=gen).to(dev)  # drawn either way: the same stream for both
@@ -248,8 +249,8 @@ def ema_student(m: Models, accelerator) -> torch.nn.Module:
 def sample_grid(m: Models, unet, cfg: DistillConfig, seeds=(0, 1)) -> np.ndarray:
     rows = []
     for s in seeds:
-        lat = m.pipe.student_latents(unet, SAMPLE_PROMPTS, [s] * len(SAMPLE_PROMPTS), cfg.timesteps, cfg.noise_correction,
-                                     m.schedule.prediction_type)  # fmt: skip
+        lat = m.pipe.student_latents(unet, SAMPLE_PROMPTS, [s] * len(SAMPLE_PROMPTS), cfg.timesteps,
+                                     cfg.noise_correction, m.student_schedule.prediction_type)  # fmt: skip
         rows.append(np.concatenate(list(m.pipe.decode(lat)), axis=1))
     return np.concatenate(rows, axis=0)
 
@@ -261,7 +262,8 @@ def evaluate_student(m: Models, unet, cfg: DistillConfig, n: int, batch: int = 5
     from flash.eval.run import generate_in_batches, split_prompts
 
     def make_images(prompts: list[str], seeds: list[int]) -> np.ndarray:
-        lat = m.pipe.student_latents(unet, prompts, seeds, cfg.timesteps, cfg.noise_correction, m.schedule.prediction_type)
+        lat = m.pipe.student_latents(unet, prompts, seeds, cfg.timesteps, cfg.noise_correction,
+                                     m.student_schedule.prediction_type)  # fmt: skip
         return m.pipe.decode(lat)
 
     prompts, seeds = split_prompts("validation", n)
@@ -343,7 +345,7 @@ def distill(cfg: DistillConfig, progress: bool = True) -> Path:
             steps=cfg.steps,
             timesteps=cfg.timesteps,
             noise_correction=cfg.noise_correction,
-            prediction_type=m.schedule.prediction_type,
+            prediction_type=m.student_schedule.prediction_type,
             teacher=str(Path(cfg.teacher).resolve()),
             teacher_sha256=folder_sha256(Path(cfg.teacher) / "unet"),
             distill={**cfg.to_dict(), "trained_steps": step + 1, "minutes": round(minutes(), 2),
