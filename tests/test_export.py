@@ -298,3 +298,31 @@ def test_service_serves_the_onnxruntime_backend_like_torch(exported, family):
             assert f'backend="{backend}"' in httpx.get(f"{url}/metrics").text
     for a, b in zip(images["torch"], images["onnxruntime"], strict=True):
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
+
+
+def test_an_x0_student_exports_and_runs_in_its_own_parameterisation(tmp_path):
+    """A student that predicts x0 ("sample"): the manifest records it, the export's pipeline parity
+    passes reading it on both sides, and the ONNX Runtime backend's images follow the x0 reading,
+    which differs from reading the same output as eps (so a side that dropped it would fail)."""
+    from flash.models import StudentCard, save_student
+    from flash.scheduler import DEFAULT_TIMESTEPS
+
+    fam = write_tiny_family(tmp_path / "tiny")
+    loaded = load_family(fam)
+    card = StudentCard(steps=1, timesteps=DEFAULT_TIMESTEPS[1], prediction_type="sample", version="tiny-0")
+    save_student(loaded.students[1].unet, card, fam / "students" / "1-step", loaded.teacher.scheduler_config)
+    manifest = export_family(fam, fam / "onnx", ExportConfig(parity_threads=1, components=("unet",)))
+    assert manifest["models"]["unet-1step"]["prediction_type"] == "sample"
+    assert manifest["parity"]["passed"], manifest["parity"]
+
+    family = load_family(fam)
+    s = family.students[1]
+    assert s.card.prediction_type == "sample"
+    t2i = TextToImage(family.teacher)
+    prompts, seeds = ["a red circle above a blue square", "a green triangle"], [0, 1]
+    as_x0 = t2i.decode(t2i.student_latents(s.unet, prompts, seeds, [999], True, "sample"))
+    as_eps = t2i.decode(t2i.student_latents(s.unet, prompts, seeds, [999], True, "epsilon"))
+    assert np.abs(as_x0.astype(int) - as_eps.astype(int)).max() > 20
+    b = onnxruntime_backends(family, settings()).students[1]
+    lat = run_student(b.denoise, t2i.noise(seeds), b.encode(prompts), t2i.student_schedule("sample"), [999])
+    assert np.abs(b.decode(lat).astype(int) - as_x0.astype(int)).max() <= 2
