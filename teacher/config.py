@@ -55,6 +55,9 @@ class TeacherConfig:
     # output. A from-scratch text encoder otherwise leaves relation words near their initial
     # embeddings (docs/results.md, "Why spatial stays at chance"); pretraining would do this job.
     relation_weight: float = 0.0
+    # the U-Net step from which the relation head's loss applies (0: from the start); the
+    # shipped teacher's text encoder trained 4,800 steps without it first
+    relation_start: int = 0
     checkpoint_every: int = 200
     sample_every: int = 1000
     guidance_scale: float = 5.0
@@ -74,7 +77,7 @@ class TeacherConfig:
             raise ValueError(f"relation_weight must be >= 0, got {self.relation_weight}")
         if self.data_workers < 1:
             raise ValueError(f"data_workers must be >= 1, got {self.data_workers}")
-        for f in ("vae_steps", "unet_steps", "batch_size", "vae_batch", "snr_floor_start"):
+        for f in ("vae_steps", "unet_steps", "batch_size", "vae_batch", "snr_floor_start", "relation_start"):
             if getattr(self, f) < 0:
                 raise ValueError(f"{f} must be >= 0, got {getattr(self, f)}")
 

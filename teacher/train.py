@@ -258,7 +258,7 @@ def train_step(
     per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))  # [B]
     loss = (per_sample * min_snr_weight(state.schedule, t, cfg.min_snr_gamma, snr_floor_at(cfg, step)).to(dev)).mean()
     out = {"loss": loss.item()}
-    if state.relation_head is not None:
+    if state.relation_head is not None and step >= cfg.relation_start:
         rel = F.cross_entropy(state.relation_head(pooled), relation_labels(prompts).to(dev), ignore_index=-100)
         out["relation"] = rel.item()
         loss = loss + cfg.relation_weight * rel
@@ -349,7 +349,7 @@ def train_unet(cfg: TeacherConfig, vae) -> TeacherState:
             g["lr"] = _lr_at(step, base, cfg.warmup)
         latents, prompts = next(data)
         losses = train_step(state, latents, prompts, cfg, gen, step)
-        smooth = losses if smooth is None else {k: 0.98 * smooth[k] + 0.02 * v for k, v in losses.items()}
+        smooth = losses if smooth is None else {k: 0.98 * smooth.get(k, v) + 0.02 * v for k, v in losses.items()}
         bar.set_postfix({k: f"{v:.4f}" for k, v in smooth.items()})
         done = step + 1
         if done % 20 == 0:

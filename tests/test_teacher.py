@@ -59,6 +59,22 @@ def test_snr_floor_switches_on_at_its_start_step():
         TeacherConfig(snr_floor_start=-1)
 
 
+def test_relation_head_loss_switches_on_at_its_start_step():
+    from teacher.train import TeacherState, build_vae, train_step
+
+    cfg = TeacherConfig(relation_weight=1.0, relation_start=100)
+    torch.set_num_threads(1)
+    latents = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    prompts = ["a red circle above a blue square", "a small green triangle"] * 2
+    state = TeacherState(cfg, build_vae(cfg))
+    before = train_step(state, latents, prompts, cfg, torch.Generator().manual_seed(0), 99)
+    assert "relation" not in before and state.relation_head.weight.grad is None  # off: no loss, no grad
+    after = train_step(state, latents, prompts, cfg, torch.Generator().manual_seed(0), 100)
+    assert after["relation"] > 0 and state.relation_head.weight.grad is not None
+    with pytest.raises(ValueError, match="relation_start"):
+        TeacherConfig(relation_start=-1)
+
+
 def test_tiny_run_trains_checkpoints_resumes_and_exports(tmp_path):
     from diffusers import StableDiffusionPipeline
 
