@@ -40,9 +40,12 @@ STUDENT = "flash-3step"
 
 
 @contextmanager
-def server(model: Path, max_batch_size: int, timeout: float = 300, decoder: str = "full"):
+def server(model: Path, max_batch_size: int, timeout: float = 300, decoder: str = "full",
+           backend: str = "torch", onnx_dir: Path | None = None):
     """`python -m service` in a subprocess; yields its base URL once /health/ready is 200."""
     env = {
+        "FLASH_BACKEND": backend,
+        **({"FLASH_ONNX_DIR": str(onnx_dir)} if onnx_dir else {}),
         "FLASH_DECODER": decoder,
         "FLASH_QUEUE_SIZE": "1024",
         "FLASH_REQUEST_TIMEOUT_S": "600",
@@ -156,21 +159,41 @@ def images_per_unet_call(url: str, model: str = STUDENT) -> tuple[float, float]:
     return found.get("sum", 0.0), found.get("count", 0.0)
 
 
-def in_process(model: Path, n_latency: int, n_images: int, batch: int, decoder: str = "full") -> dict:
-    """The same generations without the service: p50 latency at batch 1, throughput at `batch`."""
+def in_process(
+    model: Path, n_latency: int, n_images: int, batch: int, decoder: str = "full", backend: str = "torch",
+    onnx_dir: Path | None = None,
+) -> dict:
+    """The same generations without the service: p50 latency at batch 1, throughput at `batch`.
+
+    torch: TextToImage.student_latents + decode. Another backend: its own encode / denoise /
+    decode calls (what the service's batching loop makes) around the same student sampler.
+    """
     import torch
 
     from flash.models import load_family
     from flash.pipeline import TextToImage
+    from flash.sampling import run_student
 
     fam = load_family(model, decoder=decoder)
     student = fam.students[3]
     t2i = TextToImage(fam.teacher)
     ts = student.card.timesteps
+    pt = student.card.prediction_type
 
-    def gen(ids: list[int]):
-        prompts = [body(i)["prompt"] for i in ids]
-        return t2i.decode(t2i.student_latents(student.unet, prompts, ids, ts))
+    if backend == "torch":
+        def gen(ids: list[int]):
+            prompts = [body(i)["prompt"] for i in ids]
+            return t2i.decode(t2i.student_latents(student.unet, prompts, ids, ts, prediction_type=pt))
+    else:
+        from service.backends import make_backend
+        from service.config import Settings
+
+        b = make_backend(backend, fam, Settings(backend=backend, onnx_dir=onnx_dir, decoder=decoder)).students[3]
+        schedule = t2i.student_schedule(pt)
+
+        def gen(ids: list[int]):
+            cond = b.encode([body(i)["prompt"] for i in ids])
+            return b.decode(run_student(b.denoise, t2i.noise(ids), cond, schedule, ts))
 
     with torch.inference_mode():
         gen([0])  # warm up
@@ -202,6 +225,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--client", choices=sorted(CLIENTS), default="httpx",
                    help="the load generator: httpx, or hand-written keep-alive connections (raw) that spend "
                         "less of the cores the server shares with them")
+    p.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",
+                   help="the service's backend, and the in-process baseline's calls, on both sides")
+    p.add_argument("--onnx-dir", type=Path, help="the export the onnxruntime backend serves (default <model>/onnx)")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
 
@@ -214,7 +240,8 @@ def main(argv: list[str] | None = None) -> dict:
     n, k = args.requests, args.concurrency
 
     c = args.client
-    with server(model, max_batch_size=k, decoder=args.decoder) as url:
+    on = {"decoder": args.decoder, "backend": args.backend, "onnx_dir": args.onnx_dir}
+    with server(model, max_batch_size=k, **on) as url:
         http_latencies(url, 2, c)  # warm the connection path
         http_p50 = statistics.median(http_latencies(url, n, c))
         teacher_p50 = statistics.median(http_latencies(url, args.teacher_requests, c, model="teacher", steps=25))
@@ -223,10 +250,10 @@ def main(argv: list[str] | None = None) -> dict:
         batched, client_cpu = http_throughput(url, n, k, c)
         images1, calls1 = images_per_unet_call(url)
         fill = (images1 - images0) / max(1.0, calls1 - calls0)
-    with server(model, max_batch_size=1, decoder=args.decoder) as url:
+    with server(model, max_batch_size=1, **on) as url:
         http_throughput(url, 2 * k, k, c)
         unbatched, _ = http_throughput(url, n, k, c)
-    local = in_process(model, n, n, k, args.decoder)
+    local = in_process(model, n, n, k, **on)
 
     rows = [
         ("p50 latency, 3-step, 1 client (ms)", http_p50 * 1e3, local["p50_s"] * 1e3, http_p50 / local["p50_s"], "<= 1.10"),
@@ -234,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
         (f"throughput, {k} clients, batching vs max_batch_size=1", batched, unbatched, batched / unbatched, "report"),
         ("per image: teacher 25 steps + CFG vs 3-step (ms)", teacher_p50 * 1e3, http_p50 * 1e3, teacher_p50 / http_p50, ">= 10"),
     ]  # fmt: skip
-    print(f"\nmodel {model}  decoder {args.decoder}  client {c}  requests {n}  concurrency {k}  torch threads: default")
+    print(f"\nmodel {model}  backend {args.backend}  decoder {args.decoder}  client {c}  requests {n}  concurrency {k}  torch threads: default")
     print(f"{'measure':<56}{'service':>12}{'baseline':>12}{'ratio':>9}  target")
     for name, a, b, ratio, target in rows:
         print(f"{name:<56}{a:>12.2f}{b:>12.2f}{ratio:>9.2f}  {target}")

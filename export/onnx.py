@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from export.config import ExportConfig
-from flash.models import Family, folder_sha256, load_family, vae_scale_factor
+from flash.models import TINY_VAE, Family, folder_sha256, load_family, load_tiny_vae, vae_scale_factor
 
 MANIFEST = "manifest.json"
 FORMAT = "imagine-flash/onnx-export"
@@ -50,6 +50,7 @@ BATCH = "batch"  # name of the dynamic batch axis in every graph
 
 TEXT_ENCODER = "text_encoder"
 VAE_DECODER = "vae_decoder"
+VAE_DECODER_TINY = "vae_decoder_tiny"  # the family's fast decoder (vae_tiny/), where it has one
 TEACHER_UNET = "unet"
 
 UNET_INPUTS = ("sample", "timestep", "encoder_hidden_states")
@@ -216,6 +217,8 @@ def source_hashes(family: Family) -> dict[str, str]:
         raise ExportError("the family has no folder (family.path is None); cannot hash its weights")
     root = Path(family.path)
     hashes = {sub: folder_sha256(root / sub) for sub in ("tokenizer", "text_encoder", "vae", "unet")}
+    if (root / TINY_VAE).is_dir():
+        hashes[TINY_VAE] = folder_sha256(root / TINY_VAE)
     for _steps, student in sorted(family.students.items()):
         key = student_source_key(family, student)
         hashes[key] = folder_sha256(root / key)
@@ -318,6 +321,13 @@ def export_family(
             role="vae_decoder", source="vae", uses_source=["vae"],
             scaling_factor=float(c.vae.config.scaling_factor), latents="scaled",
         )  # fmt: skip
+        if (model_dir / TINY_VAE).is_dir():  # the fast decoder, served with decoder=tiny
+            tiny = load_tiny_vae(model_dir)
+            models[VAE_DECODER_TINY] = export(
+                VAE_DECODER_TINY, VaeDecoderWrapper(tiny), (lat,), VAE_INPUTS, VAE_OUTPUTS,
+                role=VAE_DECODER_TINY, source=TINY_VAE, uses_source=[TINY_VAE],
+                scaling_factor=float(tiny.config.scaling_factor), latents="scaled",
+            )  # fmt: skip
     unet_inputs = (torch.randn(b, *latent, generator=g), _example_timesteps(cfg, b),
                    torch.randn(b, length, cross_dim, generator=g))  # fmt: skip
     models[TEACHER_UNET] = export(
@@ -460,6 +470,15 @@ def measure_parity(
             latents=lat.numpy()
         )[0]
         result["vae_decoder_max_abs"] = check("VAE decoder max abs diff", _max_abs(out, ref), cfg.vae_atol)
+    if VAE_DECODER_TINY in models:
+        lat = torch.randn(len(prompts), *geo["latent_shape"], generator=g)
+        ref = VaeDecoderWrapper(load_tiny_vae(Path(family.path)))(lat).numpy()
+        out = OrtModel(out_dir / models[VAE_DECODER_TINY]["file"], threads=cfg.parity_threads)(
+            latents=lat.numpy()
+        )[0]
+        result["vae_decoder_tiny_max_abs"] = check(
+            "fast VAE decoder max abs diff", _max_abs(out, ref), cfg.vae_atol
+        )
 
     # whole student pipelines: text encode, n U-Net steps, decode, on the same seeds
     ort = ort_backends_for(family, out_dir, manifest, threads=cfg.parity_threads)

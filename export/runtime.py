@@ -29,12 +29,13 @@ from export.onnx import (
     TEACHER_UNET,
     TEXT_ENCODER,
     VAE_DECODER,
+    VAE_DECODER_TINY,
     combined_sha256,
     source_hashes,
     student_model_name,
     student_source_key,
 )
-from flash.models import Family
+from flash.models import TINY_VAE, Family
 
 if TYPE_CHECKING:
     from service.backends import FamilyBackends
@@ -96,13 +97,15 @@ def check_source(
         )
 
 
-def _needed_sources(manifest: dict[str, Any], family: Family) -> list[str]:
+def _needed_sources(manifest: dict[str, Any], family: Family, decoder: str = "full") -> list[str]:
     models = manifest["models"]
     keys = ["unet"]
     keys += [student_source_key(family, s) for _steps, s in sorted(family.students.items())]
     if TEXT_ENCODER in models:
         keys += ["tokenizer", "text_encoder"]
-    if VAE_DECODER in models:
+    if decoder == "tiny":
+        keys.append(TINY_VAE)
+    elif VAE_DECODER in models:
         keys.append("vae")
     return keys
 
@@ -244,10 +247,24 @@ def ort_decoder(model: OrtModel) -> Callable[[Tensor], np.ndarray]:
     return decode
 
 
+def tiny_decoder_model(models: dict[str, Any], family: Family, folder: Path) -> str:
+    """The export's fast decoder, or one clear line saying why there is none."""
+    if VAE_DECODER_TINY not in models:
+        raise _backend_error(
+            f"export {folder} has no fast decoder ({VAE_DECODER_TINY}.onnx): the family had no {TINY_VAE}/ "
+            f"when it was exported; re-run `flash export onnx {family.path} --out {folder}`, or use decoder=full"
+        )
+    return VAE_DECODER_TINY
+
+
 def ort_backends_for(
-    family: Family, folder: str | Path, manifest: dict[str, Any], device: str = "cpu", threads: int = 0
+    family: Family, folder: str | Path, manifest: dict[str, Any], device: str = "cpu", threads: int = 0,
+    decoder: str = "full",
 ) -> FamilyBackends:
-    """FamilyBackends running the export in `folder` (no checks; see onnxruntime_backends)."""
+    """FamilyBackends running the export in `folder` (no checks; see onnxruntime_backends).
+
+    decoder "tiny" decodes with the export's fast decoder (vae_decoder_tiny, exported from the
+    family's vae_tiny/)."""
     from flash.pipeline import TextToImage
     from service.backends import FamilyBackends
 
@@ -265,7 +282,10 @@ def ort_backends_for(
         encode = ort_encoder(session(TEXT_ENCODER), c.tokenizer)
     else:
         encode = lambda prompts: t2i.encode(prompts).float()  # noqa: E731
-    decode = ort_decoder(session(VAE_DECODER)) if VAE_DECODER in models else t2i.decode
+    if decoder == "tiny":
+        decode = ort_decoder(session(tiny_decoder_model(models, family, folder)))
+    else:
+        decode = ort_decoder(session(VAE_DECODER)) if VAE_DECODER in models else t2i.decode
 
     def unet_backend(name: str) -> ExportedBackend:
         if name not in models:
@@ -299,12 +319,15 @@ def onnxruntime_backends(family: Family, settings: Any) -> FamilyBackends:
             f"export {folder} failed its parity check ({'; '.join(parity.get('failures', [])) or 'no figures'}); "
             "re-export before serving it"
         )
-    check_source(manifest, family, folder, _needed_sources(manifest, family))
+    decoder = str(_setting(settings, "decoder", "full"))
+    if decoder == "tiny":
+        tiny_decoder_model(manifest["models"], family, folder)
+    check_source(manifest, family, folder, _needed_sources(manifest, family, decoder))
     for name, info in manifest["models"].items():
         if not (folder / info["file"]).is_file():
             raise _backend_error(f"export {folder} lists {info['file']} for {name} but the file is missing")
     return ort_backends_for(family, folder, manifest, str(_setting(settings, "device", "cpu")),
-                            int(_setting(settings, "ort_threads", 0)))  # fmt: skip
+                            int(_setting(settings, "ort_threads", 0)), decoder)  # fmt: skip
 
 
 def tensorrt_backends(family: Family, settings: Any) -> FamilyBackends:

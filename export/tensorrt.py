@@ -36,6 +36,7 @@ from export.onnx import (
     TEACHER_UNET,
     TEXT_ENCODER,
     VAE_DECODER,
+    VAE_DECODER_TINY,
     student_model_name,
     write_manifest,
 )
@@ -198,6 +199,8 @@ def build_engines(
     engines: dict[str, dict[str, Any]] = {}
     for name, info in source["models"].items():
         if info["role"] in (TEXT_ENCODER, VAE_DECODER) and info["role"] not in cfg.components:
+            continue
+        if info["role"] == VAE_DECODER_TINY:  # the TensorRT backend serves the full decoder only
             continue
         profile = profile_shapes(info["inputs"], cfg)
         engine_path = out_dir / (name + ENGINE_SUFFIX)

@@ -106,14 +106,51 @@ def test_stock_pipeline_with_the_tiny_decoder_matches_the_project_path(family, t
     assert np.abs((stock * 255).round().astype(int) - images.astype(int)).max() <= 1
 
 
-def test_service_setting_refuses_the_tiny_decoder_off_torch():
+def test_service_setting_refuses_the_tiny_decoder_on_tensorrt():
     from pydantic import ValidationError
 
     from service.config import Settings
 
     assert Settings(decoder="tiny").decoder == "tiny"
-    with pytest.raises(ValidationError, match="torch backend only"):
-        Settings(decoder="tiny", backend="onnxruntime")
+    assert Settings(decoder="tiny", backend="onnxruntime").decoder == "tiny"
+    with pytest.raises(ValidationError, match="tensorrt engines have the full decoder only"):
+        Settings(decoder="tiny", backend="tensorrt")
+
+
+def test_onnx_export_carries_the_tiny_decoder_and_the_backend_serves_it(family, tmp_path):
+    """A family with vae_tiny/: the export adds vae_decoder_tiny.onnx (parity-checked, its folder
+    hashed); the onnxruntime backend decodes with it when decoder=tiny, like the torch fast
+    decoder; an export made before the family had one is refused for decoder=tiny."""
+    import shutil
+    from types import SimpleNamespace
+
+    from export.config import ExportConfig
+    from export.onnx import export_family
+    from export.runtime import onnxruntime_backends
+    from service.backends import BackendError
+
+    fam = tmp_path / "fam"
+    shutil.copytree(family, fam)
+    cfg = ExportConfig(parity_threads=1, components=("vae_decoder", "unet"))
+    export_family(fam, tmp_path / "before", cfg)
+    write_tiny_decoder(fam)
+    manifest = export_family(fam, fam / "onnx", cfg)
+    info = manifest["models"]["vae_decoder_tiny"]
+    assert info["source"] == "vae_tiny" and "vae_tiny" in manifest["source"]["folders"]
+    assert manifest["parity"]["vae_decoder_tiny_max_abs"] <= cfg.vae_atol
+
+    lat = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    settings = SimpleNamespace(device="cpu", ort_threads=1, decoder="tiny")
+    ort_tiny = onnxruntime_backends(load_family(fam, decoder="tiny"), settings).students[1].decode(lat)
+    torch_tiny = TextToImage(load_components(fam, decoder="tiny")).decode(lat)
+    torch_full = TextToImage(load_components(fam)).decode(lat)
+    assert np.abs(ort_tiny.astype(int) - torch_tiny.astype(int)).max() <= 2
+    assert np.abs(ort_tiny.astype(int) - torch_full.astype(int)).max() > 20  # not the full decoder
+    settings_full = SimpleNamespace(device="cpu", ort_threads=1, decoder="full")
+    ort_full = onnxruntime_backends(load_family(fam), settings_full).students[1].decode(lat)
+    assert np.abs(ort_full.astype(int) - torch_full.astype(int)).max() <= 2
+    with pytest.raises(BackendError, match="no fast decoder"):
+        onnxruntime_backends(load_family(fam, decoder="tiny"), SimpleNamespace(**vars(settings), onnx_dir=tmp_path / "before"))
 
 
 def test_service_serves_images_through_the_tiny_decoder(family, tmp_path):
