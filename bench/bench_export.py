@@ -70,14 +70,14 @@ def cpu_row(t2i, student, ort, b: int, args) -> dict:
     from flash.pipeline import unet_denoiser
     from flash.sampling import run_student
 
-    ts = student.card.timesteps
+    ts, schedule = student.card.timesteps, t2i.student_schedule(student.card.prediction_type)
     prompts, seeds = ["a red circle above a blue square"] * b, list(range(b))
     x, cond = t2i.noise(seeds), t2i.encode(prompts)
     t = torch.tensor([ts[i % len(ts)] for i in range(b)])  # per item, as the service batches them
     torch_denoise = unet_denoiser(student.unet)
 
     def e2e(encode, denoise, decode):
-        return decode(run_student(denoise, t2i.noise(seeds), encode(prompts), t2i.schedule, ts))
+        return decode(run_student(denoise, t2i.noise(seeds), encode(prompts), schedule, ts))
 
     r, w = args.repeats, args.warmup
     return {
