@@ -109,8 +109,8 @@ class Settings(BaseSettings):
     decoder: Decoder = Field(
         "full",
         description="full: the family's VAE decoder; tiny: its fast decoder (vae_tiny/, made by "
-        "`flash distill-decoder`; a few ms cheaper per image, its quality in docs/results.md). torch and onnxruntime backends "
-        "(onnxruntime: an export made while the family had vae_tiny/).",
+        "`flash distill-decoder`; a few ms cheaper per image, its quality in docs/results.md). "
+        "torch and onnxruntime backends (onnxruntime: an export made while the family had vae_tiny/).",
     )
     warmup: bool = Field(True, description="Run every model once before reporting ready.")
     log_level: str = Field("info", description="uvicorn log level: critical, error, warning, info, debug.")
@@ -149,7 +149,7 @@ class Settings(BaseSettings):
         return v
 
     @model_validator(mode="after")
-    def _tiny_decoder_on_torch(self) -> Settings:
+    def _tiny_decoder_not_on_tensorrt(self) -> Settings:
         if self.decoder == "tiny" and self.backend == "tensorrt":
             raise ValueError(
                 "decoder=tiny runs on the torch and onnxruntime backends (the tensorrt engines have the full "
