@@ -47,16 +47,17 @@ class TeacherConfig:
     # x0 weight = clamp(SNR, snr_floor, min_snr_gamma). 1.0 is Salimans & Ho's truncated SNR.
     snr_floor: float = 0.0
     # the U-Net step from which snr_floor applies (0: from the start). The shipped teacher got its
-    # floor after 4,800 steps without one; neither a floor from step 0 (8,313 steps) nor one from
-    # step 4,000 of 10,000 learned the relations (docs/results.md, "From scratch in under 2 hours")
+    # floor after 4,800 steps without one; from scratch, the floor and the relation head switched
+    # on together at step 4,000 of 8,000 learned the relations (configs/teacher-snr-floor-late-head.json),
+    # the head from step 0 did not (docs/results.md, "From scratch in under 2 hours")
     snr_floor_start: int = 0
     # > 0: an auxiliary loss on the text encoder (training only, not exported): a linear head
     # classifies each prompt's relation (none / left / right / above / below) from its pooled
     # output. A from-scratch text encoder otherwise leaves relation words near their initial
     # embeddings (docs/results.md, "Why spatial stays at chance"); pretraining would do this job.
     relation_weight: float = 0.0
-    # the U-Net step from which the relation head's loss applies (0: from the start); the
-    # shipped teacher's text encoder trained 4,800 steps without it first
+    # the U-Net step from which the relation head's loss applies (0: from the start); with the
+    # head on from step 0 the U-Net did not learn the relations, switched on with snr_floor it did
     relation_start: int = 0
     checkpoint_every: int = 200
     sample_every: int = 1000
