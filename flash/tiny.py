@@ -79,8 +79,9 @@ def write_tiny_pipeline(path: Path, seed: int = 0) -> Path:
     return Path(path)
 
 
-def write_tiny_family(path: Path, seed: int = 0, image_size: int = 32) -> Path:
-    """A tiny family folder: teacher + 1/2/3-step students (random U-Nets, valid cards)."""
+def write_tiny_family(path: Path, seed: int = 0, image_size: int = 32, prediction_type: str = "epsilon") -> Path:
+    """A tiny family folder: teacher + 1/2/3-step students (random U-Nets, valid cards), the
+    students predicting `prediction_type` (their card and scheduler say so)."""
     from flash.models import FamilyCard, StudentCard, save_student, write_card
     from flash.scheduler import DEFAULT_TIMESTEPS
 
@@ -89,7 +90,7 @@ def write_tiny_family(path: Path, seed: int = 0, image_size: int = 32) -> Path:
     save_components(c, path)
     write_card(path, FamilyCard(name="tiny", version="tiny-0", guidance_scale=5.0))
     for steps, ts in DEFAULT_TIMESTEPS.items():
-        card = StudentCard(steps=steps, timesteps=ts, version="tiny-0")
+        card = StudentCard(steps=steps, timesteps=ts, version="tiny-0", prediction_type=prediction_type)
         save_student(c.unet, card, path / "students" / f"{steps}-step", c.scheduler_config)
     return path
 

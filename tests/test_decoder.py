@@ -259,23 +259,17 @@ def test_edge_term_weighs_blurred_outlines_and_ignores_flat_offsets():
     assert with_edges[0] - mse[0] > 0.1 * mse[0]  # the blur softens them, and the term says so
 
 
-def test_pool_reads_an_x0_students_output_as_x0(family, tmp_path):
+def test_pool_reads_an_x0_students_output_as_x0(tmp_path):
     """The pool's student latents follow each student's own parameterisation (its card): an x0
     1-step student's first batch is its output read as x0, not as eps."""
-    import shutil
-
     from flash.data import shapes
-    from flash.models import StudentCard, save_student
 
-    fam = tmp_path / "fam"
-    shutil.copytree(family, fam)
-    loaded = load_family(fam)
-    card = StudentCard(steps=1, timesteps=[999], prediction_type="sample", version="tiny-0")
-    save_student(loaded.students[1].unet, card, fam / "students" / "1-step", loaded.teacher.scheduler_config)
+    fam = write_tiny_family(tmp_path / "fam", prediction_type="sample")
     cfg = small_config(fam, tmp_path / "out")
     pool = build_pool(cfg)
     first = pool["latents"][cfg.pool_renders : cfg.pool_renders + cfg.batch_size]  # students in turn: 1-step first
-    s, pipe = load_family(fam).students[1], TextToImage(loaded.teacher)
+    loaded = load_family(fam)
+    s, pipe = loaded.students[1], TextToImage(loaded.teacher)
     prompts = shapes.eval_prompts(cfg.pool_students, seed=cfg.seed + 77)[: cfg.batch_size]
     seeds = [cfg.seed * 1_000_003 + 5_000_000 + j for j in range(cfg.batch_size)]
     as_x0 = pipe.student_latents(s.unet, prompts, seeds, [999], True, "sample")
