@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=_cmd_generate)
 
     t = add("train-teacher", "train the default shapes-64 teacher (VAE, then text encoder + U-Net); the U-Net stage runs on a GPU when one is present (TeacherConfig.device)",
-            "flash train-teacher --out runs/teacher --minutes 90 --export models/shapes64")
+            "flash train-teacher --out runs/teacher --export models/shapes64  # 88 min on 2 CPU cores")
     t.add_argument("--config", default=None, help="JSON TeacherConfig (optional)")
     t.add_argument("--out", default=None, help="run folder (checkpoints, samples); resumes if present")
     t.add_argument("--unet-steps", type=int, default=None)
