@@ -83,6 +83,17 @@ def _cmd_distill(a: argparse.Namespace) -> None:
     print(f"student written to {folder}")
 
 
+def _cmd_soup(a: argparse.Namespace) -> None:
+    from distill.soup import soup
+
+    folder = soup([Path(d) for d in a.students], Path(a.out), a.weights)
+    if a.publish:
+        from flash.models import publish_student
+
+        print(f"published {publish_student(folder, Path(a.publish))}")
+    print(f"student written to {folder} (the average of {len(a.students)})")
+
+
 def _cmd_distill_decoder(a: argparse.Namespace) -> None:
     from distill.decoder import DecoderConfig, train_tiny_vae
     from flash.models import publish_tiny_vae
@@ -191,6 +202,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--minutes", type=float, default=None)
     d.add_argument("--publish", default=None, help="copy the finished student into this family's students/")
     d.set_defaults(func=_cmd_distill)
+
+    w = add("soup", "average students fine-tuned from one start into one (model soup; not in the paper)",
+            "flash soup runs/a/student runs/b/student runs/c/student --out runs/soup-abc\n"
+            "  flash eval models/shapes64 --split validation --rows none --student soup=runs/soup-abc")
+    w.add_argument("students", nargs="+", help="student folders (same steps, timesteps, parameterisation, teacher)")
+    w.add_argument("--out", required=True, help="the averaged student's folder")
+    w.add_argument("--weights", type=float, nargs="+", default=None, help="one per student (default: uniform)")
+    w.add_argument("--publish", default=None, help="copy the result into this family's students/")
+    w.set_defaults(func=_cmd_soup)
 
     v = add("distill-decoder", "distil a fast AutoencoderTiny decoder from a family's VAE (written as vae_tiny/)",
             "flash distill-decoder models/shapes64 --minutes 25 --publish\n"
