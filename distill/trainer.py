@@ -231,7 +231,8 @@ def init_history(student_init: str) -> list[dict]:
     if not student_init or not (Path(student_init) / CARD).is_file():
         return []
     d = read_student_card(Path(student_init)).distill
-    keys = ("out", "steps", "student_init", "batch_size", "srl", "srl_noise", "trained_steps", "minutes", "device")
+    keys = ("out", "steps", "student_init", "batch_size", "srl", "srl_noise", "trained_steps", "minutes", "device",
+            "soup")  # fmt: skip
     return [*d.get("history", []), {k: d[k] for k in keys if k in d}]
 
 

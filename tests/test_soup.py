@@ -45,6 +45,10 @@ def test_a_soup_is_the_weighted_mean_and_an_ordinary_student(two_students, capsy
     assert [i["weight"] for i in soup] == [0.5, 0.5] and soup[1]["distill"] == {"lr": 1e-4}
     assert soup[0]["student"] == str(root / "a")
 
+    from distill.trainer import init_history
+
+    assert init_history(str(root / "ab"))[-1]["soup"] == soup  # a run continuing the soup keeps its lineage
+
     main(["soup", str(root / "a"), str(root / "b"), "--weights", "3", "1", "--out", str(root / "a3b1")])
     w = state(root / "a3b1")
     for k in a:
