@@ -20,7 +20,6 @@ import os
 import re
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -138,34 +137,21 @@ def main(argv: list[str] | None = None) -> dict:
     if a.serve:
         serve(int(a.serve[0]), a.serve[1])
         return {}
-    from service.testing import free_port
+    from service.testing import serve_in_process
 
-    port, marks_file = free_port(), tempfile.mktemp(suffix=".json")
-    env = {**os.environ, "FLASH_MODEL_DIR": str(a.model), "FLASH_BACKEND": a.backend, "FLASH_DECODER": a.decoder,
+    marks_file = tempfile.mktemp(suffix=".json")
+    env = {"FLASH_MODEL_DIR": str(a.model), "FLASH_BACKEND": a.backend, "FLASH_DECODER": a.decoder,
            "FLASH_LOG_LEVEL": "warning", **({"FLASH_ONNX_DIR": str(a.onnx_dir)} if a.onnx_dir else {})}  # fmt: skip
-    proc = subprocess.Popen([sys.executable, __file__, "--serve", str(port), marks_file], env=env, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the server exited with {proc.returncode}")
-            try:
-                if httpx.get(f"{url}/health/ready", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("the server was not ready after 300 s")
-            time.sleep(0.1)
+
+    def command(port: int) -> list[str]:  # this file's serve(), in its own process
+        return [sys.executable, __file__, "--serve", str(port), marks_file]
+
+    with serve_in_process(a.model, env, command=command) as (url, proc):
         sent = asyncio.run(client(url, a.requests))
         time.sleep(0.5)  # the last request's marks are kept after its body is sent
         proc.send_signal(signal.SIGUSR1)
         while not Path(marks_file).is_file() and proc.poll() is None:
             time.sleep(0.1)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
     marks = json.loads(Path(marks_file).read_text())
     rows = list(zip(sent, marks, strict=True))[20:]
 

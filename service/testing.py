@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -68,12 +68,17 @@ def free_port() -> int:
 
 @contextmanager
 def serve_in_process(
-    model: Path, env: dict[str, str] | None = None, timeout: float = 300
+    model: Path, env: dict[str, str] | None = None, timeout: float = 300,
+    command: Callable[[int], list[str]] | None = None,
 ) -> Iterator[tuple[str, subprocess.Popen]]:
-    """`python -m service --model MODEL` on a free loopback port (FLASH_* overrides in `env`);
+    """`python -m service --model MODEL` on a free loopback port (FLASH_* overrides in `env`),
+    or `command(port)` instead (a server that wraps the service and binds 127.0.0.1:port);
     yields (url, process) once /health/ready is 200; SIGTERM (drain) at the end."""
     port = free_port()
-    cmd = [sys.executable, "-m", "service", "--model", str(model), "--host", "127.0.0.1", "--port", str(port)]
+    if command is not None:
+        cmd = command(port)
+    else:
+        cmd = [sys.executable, "-m", "service", "--model", str(model), "--host", "127.0.0.1", "--port", str(port)]
     proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1], env={**os.environ, **(env or {})})
     url = f"http://127.0.0.1:{port}"
     try:
