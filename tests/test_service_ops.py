@@ -9,6 +9,7 @@ import signal
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -205,3 +206,18 @@ def test_models_load_on_a_thread_that_exits(family):
     (thread,) = seen
     thread.join(timeout=10)
     assert thread.name == "flash-loader" and thread is not threading.main_thread() and not thread.is_alive()
+
+
+def test_service_timeline_bench_marks_every_stage_of_a_request(tmp_path):
+    """bench/service_timeline.py: the service in its own process with time marks, one client."""
+    import importlib.util
+
+    fam = write_tiny_family(tmp_path / "fam")
+    path = Path(__file__).resolve().parents[1] / "bench" / "service_timeline.py"
+    spec = importlib.util.spec_from_file_location("service_timeline_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = bench.main(["--model", str(fam), "--requests", "24"])
+    assert out["n"] == 4 and len(out["parts_ms"]) == len(bench.MARKS) + 1
+    assert all(v > 0 for v in out["parts_ms"].values())
+    assert 0 < out["generation_ms"] < out["total_ms"]  # the marks bracket the generation, the client the whole
