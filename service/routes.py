@@ -66,7 +66,7 @@ def v1_router(
         start = time.perf_counter()
         job, result = await generate(request, settings.max_n)
         data = [
-            ImageData(b64_json=base64.b64encode(encode_png(im)).decode(), seed=seed)
+            ImageData(b64_json=base64.b64encode(encode_png(im, settings.png_compress_level)).decode(), seed=seed)
             for im, seed in zip(result.images, job.seeds, strict=True)
         ]
         height, width = result.images[0].shape[:2]
@@ -100,7 +100,9 @@ def v1_router(
             "X-Model-Version": result.version,
             "X-Total-Ms": f"{timings(result, start).total_ms:.1f}",
         }
-        return Response(encode_png(result.images[0]), media_type="image/png", headers=headers)
+        return Response(
+            encode_png(result.images[0], settings.png_compress_level), media_type="image/png", headers=headers
+        )
 
     @router.get("/models", response_model=ModelList, responses=V1_ERRORS)
     async def list_models() -> ModelList:
@@ -181,11 +183,12 @@ def model_list(cat: Catalog) -> ModelList:
     return ModelList(data=cards, version=cat.version, backend=cat.backend)
 
 
-def encode_png(image: np.ndarray) -> bytes:
-    """Fast zlib (level 1): 0.4 vs 0.9 ms for a 64 px student image at level 6, ~17% more bytes;
-    it runs on the event loop, which shares the cores with the device thread."""
+def encode_png(image: np.ndarray, compress_level: int = 1) -> bytes:
+    """zlib level 1 by default: 0.4 vs 0.9 ms for a 64 px student image at level 6, ~17% more
+    bytes; level 0 stores the pixels (0.06 ms hot, twice level 1's bytes). It runs on the event
+    loop, which shares the cores with the device thread (docs/benchmarks.md)."""
     buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG", compress_level=1)
+    Image.fromarray(image).save(buf, format="PNG", compress_level=compress_level)
     return buf.getvalue()
 
 

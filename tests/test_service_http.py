@@ -294,3 +294,19 @@ def test_the_hot_path_stays_on_the_event_loop_and_runs_in_inference_mode(server,
     assert post(url, {"prompt": "a red circle", "model": "flash-3step"}).status_code == 200
     assert hops == []
     assert seen and all(seen)  # the device thread runs in inference mode
+
+
+def test_png_compress_level_trades_bytes_for_time_and_keeps_the_pixels(family, server):
+    """FLASH_PNG_COMPRESS_LEVEL: the same image, stored (0) or deflated (the default 1, 9), on both
+    generation endpoints."""
+    url, _ = server
+    body = {"prompt": "a red circle", "model": "flash-3step", "seed": 4}
+    default = png(post(url, body).json()["data"][0]["b64_json"])
+    raw = SIZE * SIZE * 3
+    for level in (0, 9):
+        with serve_in_thread(Settings(model_dir=family, png_compress_level=level, log_level="warning")) as (other, _):
+            pngs = [base64.b64decode(post(other, body).json()["data"][0]["b64_json"]),
+                    post(other, body, path="/v1/generate").content]  # fmt: skip
+        for data in pngs:
+            assert len(data) > raw if level == 0 else len(data) < raw  # stored: the pixels plus headers
+            np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")), default)
