@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import signal
 import statistics
 import sys
@@ -26,6 +25,9 @@ import time
 from pathlib import Path
 
 import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/, also when loaded by path
+from bench_service import body, check, raw_post  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MARKS = ["asgi_in", "enqueue", "start", "finish", "resumed", "png0", "png1", "resp_start", "body_sent"]
@@ -107,20 +109,15 @@ def serve(port: int, marks_file: str) -> None:
 
 
 async def client(url: str, n: int) -> list[tuple[float, float]]:
+    """`n` sequential 3-step requests on one keep-alive connection: (sent, received) each."""
     u = httpx.URL(url)
     reader, writer = await asyncio.open_connection(u.host, u.port)
     out = []
     for i in range(n):
-        data = json.dumps({"prompt": f"a red circle above a blue square {i}", "model": "flash-3step", "seed": i}).encode()
-        head = f"POST /v1/images/generations HTTP/1.1\r\nHost: {u.host}\r\nContent-Type: application/json\r\n"
         t0 = time.perf_counter()
-        writer.write(f"{head}Content-Length: {len(data)}\r\n\r\n".encode() + data)
-        response = await reader.readuntil(b"\r\n\r\n")
-        length = re.search(rb"(?im)^content-length: *(\d+)", response)
-        await reader.readexactly(int(length.group(1)))
+        status = await raw_post(reader, writer, u.host, body(i))
         out.append((t0, time.perf_counter()))
-        if not response.startswith(b"HTTP/1.1 200"):
-            raise RuntimeError(f"request {i}: {response.splitlines()[0].decode()}")
+        check(status, i)
     writer.close()
     return out
 
@@ -161,6 +158,8 @@ def main(argv: list[str] | None = None) -> dict:
     parts = {"client send -> server (loopback, HTTP parsing)": med(lambda c, s: s["asgi_in"] - c[0])}
     for m0, m1 in zip(MARKS, MARKS[1:], strict=False):
         parts[f"{m0} -> {m1}: {WHAT[m0]}"] = med(lambda c, s, m0=m0, m1=m1: s[m1] - s[m0])
+    # "body_sent" is marked when the server's send returns, which can be after the client has
+    # the bytes: this part is ~0 and may come out negative for small responses
     parts["body sent -> client has it"] = med(lambda c, s: c[1] - s["body_sent"])
     total, compute = med(lambda c, s: c[1] - c[0]), med(lambda c, s: s["finish"] - s["start"])
     for k, v in parts.items():

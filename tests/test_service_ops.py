@@ -219,5 +219,8 @@ def test_service_timeline_bench_marks_every_stage_of_a_request(tmp_path):
     spec.loader.exec_module(bench)
     out = bench.main(["--model", str(fam), "--requests", "24"])
     assert out["n"] == 4 and len(out["parts_ms"]) == len(bench.MARKS) + 1
-    assert all(v > 0 for v in out["parts_ms"].values())
+    parts = list(out["parts_ms"].values())
+    # the last part can be ~0 or below: the server marks "body sent" when its send returns, and the
+    # client, on the other core, may hold the bytes by then
+    assert all(v > 0 for v in parts[:-1])
     assert 0 < out["generation_ms"] < out["total_ms"]  # the marks bracket the generation, the client the whole
