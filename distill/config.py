@@ -56,6 +56,11 @@ class DistillConfig:
     # function of x_T, the teacher's own sample from (nearly) that noise when gamma(t) ~ T
     srl_noise: str = "fresh"
     teacher_steps: int = 8  # k
+    # > 0: the reconstruction loss also in pixel space, through the frozen VAE decoder (not in the
+    # paper): MSE between the decoded student x0 and the decoded target, plus `pixel_edge_weight`
+    # times the MSE of their image gradients (a soft outline costs more than a flat colour error)
+    pixel_weight: float = 0.0
+    pixel_edge_weight: float = 0.0
     guidance_scale: float = 5.0  # teacher CFG for the SRL target
 
     # adversarial loss (SDXL-Lightning / UFOGen style discriminator from the teacher's encoder)
@@ -104,6 +109,9 @@ class DistillConfig:
         for _threshold, g in self.gamma:
             if not 0 <= g <= 999:
                 raise ValueError(f"gamma value {g} out of range [0, 999] in {self.gamma}")
+        if self.pixel_weight < 0 or self.pixel_edge_weight < 0:
+            raise ValueError(f"pixel_weight and pixel_edge_weight must be >= 0, got {self.pixel_weight}, "
+                             f"{self.pixel_edge_weight}")  # fmt: skip
         if self.save_dtype not in SAVE_DTYPES:
             raise ValueError(f"unknown save_dtype {self.save_dtype!r}; allowed: {', '.join(SAVE_DTYPES)}")
         if self.prediction_type and self.prediction_type not in PREDICTION_TYPES:

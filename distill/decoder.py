@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from distill.losses import pixel_loss
 from flash.config import load_config
 from flash.models import TINY_VAE
 
@@ -149,20 +150,10 @@ def encoder_means(vae, images: torch.Tensor, batch: int) -> torch.Tensor:
     return torch.cat([vae.encode(x).latent_dist.mode() * sf for x in images.split(batch)])
 
 
-def image_gradients(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Horizontal and vertical finite differences of images [B, C, H, W]."""
-    return x[..., :, 1:] - x[..., :, :-1], x[..., 1:, :] - x[..., :-1, :]
-
-
 def decoder_loss(tiny, z: torch.Tensor, target: torch.Tensor, edge_weight: float = 0.0) -> torch.Tensor:
     """Per-sample MSE between the tiny decoder's image of U-Net latents `z` and the full decoder's,
     plus `edge_weight` times the MSE between their image gradients."""
-    image = tiny.decoder(z / tiny.config.scaling_factor)
-    loss = (image - target).pow(2).mean(dim=(1, 2, 3))
-    if edge_weight:
-        for g, g_target in zip(image_gradients(image), image_gradients(target), strict=True):
-            loss = loss + edge_weight / 2 * (g - g_target).pow(2).mean(dim=(1, 2, 3))
-    return loss
+    return pixel_loss(tiny.decoder(z / tiny.config.scaling_factor), target, edge_weight)
 
 
 def encoder_loss(tiny, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:

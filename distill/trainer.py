@@ -22,7 +22,14 @@ from torch import Tensor
 from distill.config import DistillConfig
 from distill.data import make_stream
 from distill.discriminator import Discriminator
-from distill.losses import hinge_d_loss, hinge_g_loss, reconstruction_loss, shifted_timestep, srl_target
+from distill.losses import (
+    hinge_d_loss,
+    hinge_g_loss,
+    pixel_loss,
+    reconstruction_loss,
+    shifted_timestep,
+    srl_target,
+)
 from flash.checkpoint import EMA, load_checkpoint, save_checkpoint
 from flash.data import shapes
 from flash.images import save_png
@@ -161,6 +168,12 @@ def encode_images(pipe: TextToImage, images: np.ndarray, gen: torch.Generator) -
     return latents.contiguous()
 
 
+def decode_pixels(pipe: TextToImage, latents: Tensor) -> Tensor:
+    """Latents to images in [-1, 1] through the teacher's frozen VAE decoder, differentiable in the latents."""
+    vae = pipe.c.vae
+    return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+
+
 def distill_step(
     m: Models, prompts: list[str], images: np.ndarray | None, cfg: DistillConfig, gen: torch.Generator, accelerator
 ) -> dict[str, float]:
@@ -199,6 +212,10 @@ def distill_step(
     loss_rec = reconstruction_loss(x0, target)  # (B,)
     logs = {"rec": loss_rec.mean().item()}
     loss = loss_rec.mean()
+    if cfg.pixel_weight > 0:  # the same target in pixel space, through the frozen decoder
+        loss_pix = pixel_loss(decode_pixels(pipe, x0), decode_pixels(pipe, target), cfg.pixel_edge_weight)
+        loss = loss + cfg.pixel_weight * loss_pix.mean()
+        logs["pix"] = loss_pix.mean().item()
     # 5. adversarial loss: noised real latents vs noised student x0
     if m.disc is not None:
         disc = accelerator.unwrap_model(m.disc)

@@ -11,7 +11,14 @@ import torch
 from distill import trainer
 from distill.config import DistillConfig
 from distill.discriminator import Discriminator
-from distill.losses import hinge_d_loss, hinge_g_loss, reconstruction_loss, shifted_timestep, srl_target
+from distill.losses import (
+    hinge_d_loss,
+    hinge_g_loss,
+    pixel_loss,
+    reconstruction_loss,
+    shifted_timestep,
+    srl_target,
+)
 from flash.models import load_components, load_student
 from flash.schedule import NoiseSchedule
 from flash.tiny import SD_SCHEDULER_CONFIG, write_tiny_family
@@ -65,6 +72,7 @@ def test_losses_are_per_sample():
     assert reconstruction_loss(a, b).tolist() == [1.0, 1.0, 1.0]
     assert hinge_d_loss(torch.tensor([2.0, 0.0]), torch.tensor([-2.0, 0.5])).tolist() == [0.0, 2.5]
     assert hinge_g_loss(torch.tensor([0.5])).tolist() == [-0.5]
+    assert pixel_loss(torch.zeros(2, 3, 4, 4), torch.ones(2, 3, 4, 4), edge_weight=5.0).tolist() == [1.0, 1.0]
 
 
 def test_discriminator_from_teacher_encoder(tiny):
@@ -122,6 +130,19 @@ def test_real_latents_are_contiguous(family, tmp_path):
 def test_ablation_switches(family, tmp_path, monkeypatch):
     logs, calls, _, _ = _run_step(family, tmp_path, monkeypatch, backward=False, adv_weight=0.0)
     assert calls == [] and set(logs) == {"rec"}  # forward distillation, no discriminator
+
+
+def test_pixel_loss_reaches_the_student_through_the_decoder(family, tmp_path, monkeypatch):
+    seen = []
+    real_decode = trainer.decode_pixels
+    monkeypatch.setattr(trainer, "decode_pixels", lambda pipe, z: seen.append(z.requires_grad) or real_decode(pipe, z))
+    logs, _, changed, teacher_same = _run_step(family, tmp_path, monkeypatch, pixel_weight=1.0, pixel_edge_weight=1.0,
+                                               adv_weight=0.0)  # fmt: skip
+    assert set(logs) == {"rec", "pix"} and logs["pix"] > 0
+    assert seen == [True, False]  # the student's x0 with grad, the target without
+    assert changed and teacher_same
+    _run_step(family, tmp_path, monkeypatch, adv_weight=0.0)
+    assert len(seen) == 2  # off by default: no decoder call
 
 
 @pytest.mark.parametrize("srl_noise", ["fresh", "x_T"])
@@ -277,6 +298,7 @@ def test_student_init_must_fit_the_teacher(family, tmp_path):
         (dict(compile_teacher="fast"), "reduce-overhead"),
         (dict(prediction_type="flow"), "v_prediction"),
         (dict(data_workers=-1), "data_workers"),
+        (dict(pixel_edge_weight=-1.0), "pixel_edge_weight"),
     ],
 )
 def test_bad_config(kw, match):
