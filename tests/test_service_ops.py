@@ -208,15 +208,21 @@ def test_models_load_on_a_thread_that_exits(family):
     assert thread.name == "flash-loader" and thread is not threading.main_thread() and not thread.is_alive()
 
 
-def test_service_timeline_bench_marks_every_stage_of_a_request(tmp_path):
-    """bench/service_timeline.py: the service in its own process with time marks, one client."""
+def load_bench(name: str):
+    """A script of bench/ (a folder of scripts, not a package) as a module."""
     import importlib.util
 
-    fam = write_tiny_family(tmp_path / "fam")
-    path = Path(__file__).resolve().parents[1] / "bench" / "service_timeline.py"
-    spec = importlib.util.spec_from_file_location("service_timeline_bench", path)
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_service_timeline_bench_marks_every_stage_of_a_request(tmp_path):
+    """bench/service_timeline.py: the service in its own process with time marks, one client."""
+    fam = write_tiny_family(tmp_path / "fam")
+    bench = load_bench("service_timeline")
     out = bench.main(["--model", str(fam), "--requests", "24"])
     assert out["n"] == 4 and len(out["parts_ms"]) == len(bench.MARKS) + 1
     parts = list(out["parts_ms"].values())
@@ -224,3 +230,33 @@ def test_service_timeline_bench_marks_every_stage_of_a_request(tmp_path):
     # client, on the other core, may hold the bytes by then
     assert all(v > 0 for v in parts[:-1])
     assert 0 < out["generation_ms"] < out["total_ms"]  # the marks bracket the generation, the client the whole
+
+
+def test_bench_service_takes_http_and_in_process_latencies_in_turns(monkeypatch):
+    """The p50 ratio's two sides alternate request by request (and which goes first), so a
+    machine that slows down for a minute slows both."""
+    bench = load_bench("bench_service")
+    order = []
+
+    async def senders(url, k, stack):
+        async def send(payload):
+            order.append(("http", payload["seed"]))
+            return 200
+
+        return [send] * k
+
+    monkeypatch.setitem(bench.CLIENTS, "fake", senders)
+    http, local = bench.paired_latencies("http://test", 4, "fake", lambda ids: order.append(("local", *ids)), 0)
+    assert order == [("http", 0), ("local", 0), ("local", 1), ("http", 1),
+                     ("http", 2), ("local", 2), ("local", 3), ("http", 3)]  # fmt: skip
+    assert len(http) == len(local) == 4 and min(http + local) >= 0
+
+
+def test_bench_service_prints_the_four_ratios_on_a_tiny_family(tmp_path):
+    bench = load_bench("bench_service")
+    out = bench.main(["--tiny", "--requests", "4", "--concurrency", "2", "--teacher-requests", "1",
+                      "--client", "raw", "--json", str(tmp_path / "r.json")])  # fmt: skip
+    rows = [v for v in out.values() if isinstance(v, dict)]
+    assert len(rows) == 4 and all(r["service"] > 0 and r["baseline"] > 0 for r in rows)
+    assert all(r["ratio"] == pytest.approx(r["service"] / r["baseline"]) for r in rows)
+    assert (tmp_path / "r.json").is_file()
