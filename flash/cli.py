@@ -113,8 +113,8 @@ def _cmd_eval(a: argparse.Namespace) -> None:
     family = Path(a.model_dir)
     if a.update_card and a.rows:
         raise CliError("--update-card writes every shipped row: leave out --rows")
-    if a.split != "test" and (a.update_card or a.report):
-        raise CliError("the card and the report carry the test split's figures: leave out --split")
+    if (a.split != "test" or a.skip) and (a.update_card or a.report):
+        raise CliError("the card and the report carry the test split's first prompts: leave out --split and --skip")
     if a.decoder != "full" and (a.update_card or a.report):
         raise CliError("the card and the report carry the full decoder's figures: leave out --decoder")
     card = read_family_card(family)
@@ -128,7 +128,7 @@ def _cmd_eval(a: argparse.Namespace) -> None:
     rows += extra_student_rows(a.student or [])
     if not rows:
         raise CliError("no rows to evaluate")
-    results = evaluate_rows(family, rows, n=a.n, batch=a.batch, split=a.split, decoder=a.decoder)
+    results = evaluate_rows(family, rows, n=a.n, batch=a.batch, split=a.split, decoder=a.decoder, skip=a.skip)
     if any(r.kind == "teacher" for r in rows):
         print(f"teacher rows: classifier-free guidance {guidance:g}")
     print(results_table(results))
@@ -231,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", choices=["test", "validation"], default="test",
                    help="test: the fixed prompts of every reported figure; validation: other prompts and x_T, "
                    "for choosing checkpoints or settings without the test prompts (default: %(default)s)")
+    e.add_argument("--skip", type=int, default=0,
+                   help="score the split's prompts from this index on: prompts that chose nothing, after a "
+                   "choice made on the first ones (default: %(default)s)")
     e.add_argument("--batch", type=int, default=50)
     e.add_argument("--guidance-scale", type=float, default=None,
                    help="the teacher rows' classifier-free guidance (default: the family card's)")

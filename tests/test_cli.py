@@ -131,8 +131,12 @@ def test_eval_validation_split_draws_other_prompts_and_noise(family64, tmp_path,
     assert [p for ps, _ in seen for p in ps] == val and [s for _, ss in seen for s in ss] == val_seeds
     with pytest.raises(ValueError, match="validation"):
         run.split_prompts("train", 4)
+    later, later_seeds = run.split_prompts("validation", 4, skip=4)  # prompts no choice on the first 4 saw
+    assert later == val[4:] and later_seeds == val_seeds[4:]
     r = flash("eval", str(family64), "--n", "4", "--split", "validation", "--report", str(tmp_path / "r.md"))
     assert r.returncode == 2 and "test split" in r.stderr and not (tmp_path / "r.md").exists()
+    r = flash("eval", str(family64), "--n", "4", "--skip", "4", "--report", str(tmp_path / "r.md"))
+    assert r.returncode == 2 and "--skip" in r.stderr and not (tmp_path / "r.md").exists()
 
 
 def test_eval_guidance_scale_defaults_to_the_family_card(family64, tmp_path):

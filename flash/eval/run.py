@@ -29,12 +29,15 @@ from flash.pipeline import TextToImage
 SPLITS = {"test": (1234, 0), "validation": (4321, 1_000_000)}
 
 
-def split_prompts(split: str, n: int) -> tuple[list[str], list[int]]:
-    """The split's first `n` prompts and their x_T seeds."""
+def split_prompts(split: str, n: int, skip: int = 0) -> tuple[list[str], list[int]]:
+    """The split's prompts `skip` .. `skip + n` and their x_T seeds: `skip` > 0 scores prompts that
+    no choice made on the first ones has seen."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; allowed: {', '.join(SPLITS)}")
+    if skip < 0:
+        raise ValueError(f"skip must be >= 0, got {skip}")
     prompt_seed, first = SPLITS[split]
-    return shapes.eval_prompts(n, seed=prompt_seed), list(range(first, first + n))
+    return shapes.eval_prompts(skip + n, seed=prompt_seed)[skip:], list(range(first + skip, first + skip + n))
 
 
 @dataclass(frozen=True)
@@ -86,11 +89,11 @@ def default_rows(family: Path, guidance_scale: float = 5.0, noise_correction_off
 
 def evaluate_rows(
     teacher_dir: Path, rows: list[Row], n: int = 500, batch: int = 50, components: Components | None = None,
-    progress: bool = True, split: str = "test", decoder: str = "full",
+    progress: bool = True, split: str = "test", decoder: str = "full", skip: int = 0,
 ) -> list[RowResult]:
     components = components or load_components(Path(teacher_dir), decoder=decoder)
     pipe = TextToImage(components)
-    prompts, seeds = split_prompts(split, n)
+    prompts, seeds = split_prompts(split, n, skip)
     results = []
     for row in rows:
         student = load_student(Path(row.student_dir)) if row.kind == "student" else None
