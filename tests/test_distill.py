@@ -8,17 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill import trainer
+from distill import losses, trainer
 from distill.config import DistillConfig
 from distill.discriminator import Discriminator
-from distill.losses import (
-    hinge_d_loss,
-    hinge_g_loss,
-    pixel_loss,
-    reconstruction_loss,
-    shifted_timestep,
-    srl_target,
-)
+from distill.losses import hinge_d_loss, hinge_g_loss, reconstruction_loss, shifted_timestep, srl_target
 from flash.models import load_components, load_student
 from flash.schedule import NoiseSchedule
 from flash.tiny import SD_SCHEDULER_CONFIG, write_tiny_family
@@ -72,7 +65,7 @@ def test_losses_are_per_sample():
     assert reconstruction_loss(a, b).tolist() == [1.0, 1.0, 1.0]
     assert hinge_d_loss(torch.tensor([2.0, 0.0]), torch.tensor([-2.0, 0.5])).tolist() == [0.0, 2.5]
     assert hinge_g_loss(torch.tensor([0.5])).tolist() == [-0.5]
-    assert pixel_loss(torch.zeros(2, 3, 4, 4), torch.ones(2, 3, 4, 4), edge_weight=5.0).tolist() == [1.0, 1.0]
+    assert losses.pixel_loss(torch.zeros(2, 3, 4, 4), torch.ones(2, 3, 4, 4), edge_weight=5.0).tolist() == [1.0, 1.0]
 
 
 def test_discriminator_from_teacher_encoder(tiny):
