@@ -168,12 +168,6 @@ def encode_images(pipe: TextToImage, images: np.ndarray, gen: torch.Generator) -
     return latents.contiguous()
 
 
-def decode_pixels(pipe: TextToImage, latents: Tensor) -> Tensor:
-    """Latents to images in [-1, 1] through the teacher's frozen VAE decoder, differentiable in the latents."""
-    vae = pipe.c.vae
-    return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
-
-
 def distill_step(
     m: Models, prompts: list[str], images: np.ndarray | None, cfg: DistillConfig, gen: torch.Generator, accelerator
 ) -> dict[str, float]:
@@ -213,7 +207,10 @@ def distill_step(
     logs = {"rec": loss_rec.mean().item()}
     loss = loss_rec.mean()
     if cfg.pixel_weight > 0:  # the same target in pixel space, through the frozen decoder
-        loss_pix = pixel_loss(decode_pixels(pipe, x0), decode_pixels(pipe, target), cfg.pixel_edge_weight)
+        pixels = pipe.decode_pixels(x0)
+        with torch.no_grad():
+            target_pixels = pipe.decode_pixels(target)
+        loss_pix = pixel_loss(pixels, target_pixels, cfg.pixel_edge_weight)
         loss = loss + cfg.pixel_weight * loss_pix.mean()
         logs["pix"] = loss_pix.mean().item()
     # 5. adversarial loss: noised real latents vs noised student x0

@@ -82,11 +82,15 @@ class TextToImage:
     def noise(self, seeds: Sequence[int]) -> Tensor:
         return initial_noise(seeds, self.latent_shape, self.dtype, self.device)
 
+    def decode_pixels(self, latents: Tensor) -> Tensor:
+        """Images in [-1, 1], [B, 3, H, W], differentiable in the latents (the VAE stays frozen)."""
+        vae = self.c.vae
+        return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+
     @torch.no_grad()
     def decode(self, latents: Tensor) -> np.ndarray:
         """uint8 [B, H, W, 3], the same rounding as diffusers' image processor."""
-        vae = self.c.vae
-        img = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+        img = self.decode_pixels(latents)
         img = (img / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
         return (img * 255).round().astype(np.uint8)
 

@@ -127,8 +127,9 @@ def test_ablation_switches(family, tmp_path, monkeypatch):
 
 def test_pixel_loss_reaches_the_student_through_the_decoder(family, tmp_path, monkeypatch):
     seen = []
-    real_decode = trainer.decode_pixels
-    monkeypatch.setattr(trainer, "decode_pixels", lambda pipe, z: seen.append(z.requires_grad) or real_decode(pipe, z))
+    real_decode = trainer.TextToImage.decode_pixels
+    monkeypatch.setattr(trainer.TextToImage, "decode_pixels",
+                        lambda pipe, z: seen.append(z.requires_grad) or real_decode(pipe, z))  # fmt: skip
     logs, _, changed, teacher_same = _run_step(family, tmp_path, monkeypatch, pixel_weight=1.0, pixel_edge_weight=1.0,
                                                adv_weight=0.0)  # fmt: skip
     assert set(logs) == {"rec", "pix"} and logs["pix"] > 0
