@@ -7,11 +7,15 @@ Prints four ratios side by side, and how full the U-Net calls were during the
 concurrent run (images per call, read from the server's /metrics):
   1. p50 latency of one 3-step request over HTTP / the same generation in-process
      (TextToImage.student_latents + decode, batch 1), the two taken in turns  target <= 1.10
+     It also splits the HTTP side: the server's own generation (the response's
+     timings.compute_ms) against the in-process one, and what is left per request
+     (HTTP, validation, hand-offs, PNG, JSON).
   2. throughput with `concurrency` clients over HTTP / the in-process pipeline at
      batch size `concurrency`                                                target >= 0.90
   3. throughput with `concurrency` clients, batching (max_batch_size = concurrency)
      / max_batch_size = 1                                                    reported
-  4. per-image latency of the teacher (25 steps, CFG) / the 3-step student, both over HTTP
+  4. per-image latency of the teacher (25 steps, CFG) / the 3-step student, both over HTTP,
+     one request of each in turns
                                                                              target >= 10
 Each server runs as its own process (`python -m service`), the clients here, on the same
 cores: it also prints the clients' own CPU per image, and `--client raw` swaps httpx for
@@ -27,8 +31,9 @@ import re
 import statistics
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, contextmanager
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -60,7 +65,7 @@ def body(i: int, model: str = STUDENT, **extra) -> dict:
     return {"prompt": f"a red circle above a blue square {i}", "model": model, "seed": i, **extra}
 
 
-Send = Callable[[dict], Awaitable[int]]  # posts one request body, returns the HTTP status
+Send = Callable[[dict], Awaitable[tuple[int, bytes]]]  # posts one request body: (HTTP status, body)
 
 
 async def httpx_senders(url: str, k: int, stack: AsyncExitStack) -> list[Send]:
@@ -69,8 +74,9 @@ async def httpx_senders(url: str, k: int, stack: AsyncExitStack) -> list[Send]:
         httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=k))
     )
 
-    async def send(payload: dict) -> int:
-        return (await pool.post("/v1/images/generations", json=payload)).status_code
+    async def send(payload: dict) -> tuple[int, bytes]:
+        response = await pool.post("/v1/images/generations", json=payload)
+        return response.status_code, response.content
 
     return [send] * k
 
@@ -88,8 +94,10 @@ async def raw_senders(url: str, k: int, stack: AsyncExitStack) -> list[Send]:
     return senders
 
 
-async def raw_post(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str, payload: dict) -> int:
-    """POST /v1/images/generations; returns the status (the body is read, not parsed)."""
+async def raw_post(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str, payload: dict
+) -> tuple[int, bytes]:
+    """POST /v1/images/generations; returns the status and the body (read, not parsed)."""
     data = json.dumps(payload).encode()
     head = f"POST /v1/images/generations HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
     writer.write(f"{head}Content-Length: {len(data)}\r\n\r\n".encode() + data)
@@ -98,8 +106,8 @@ async def raw_post(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, h
     length = re.search(rb"(?im)^content-length: *(\d+)", response)
     if length is None:
         raise RuntimeError("the server's response has no Content-Length")
-    await reader.readexactly(int(length.group(1)))
-    return int(response.split(b" ", 2)[1])
+    content = await reader.readexactly(int(length.group(1)))
+    return int(response.split(b" ", 2)[1]), content
 
 
 CLIENTS = {"httpx": httpx_senders, "raw": raw_senders}
@@ -119,7 +127,7 @@ def http_latencies(url: str, n: int, client: str = "httpx", **extra) -> list[flo
             out = []
             for i in range(n):
                 t0 = time.perf_counter()
-                status = await send(body(i, **extra))
+                status, _ = await send(body(i, **extra))
                 out.append(time.perf_counter() - t0)
                 check(status, i)
             return out
@@ -138,7 +146,7 @@ def http_throughput(url: str, n: int, concurrency: int, client: str = "httpx") -
 
             async def one(send: Send) -> None:
                 for i in todo:
-                    check(await send(body(i)), i)
+                    check((await send(body(i)))[0], i)
 
             t0, cpu0 = time.perf_counter(), time.process_time()
             await asyncio.gather(*[one(send) for send in senders])
@@ -210,37 +218,77 @@ def in_process_throughput(gen: Callable[[list[int]], object], n_images: int, bat
     return rounds * batch / (time.perf_counter() - t0)
 
 
+Side = Callable[[int], Awaitable[None]]  # makes request / generation number i
+
+
+async def in_turns(sides: Sequence[Side], n: int, gap_s: float) -> list[list[float]]:
+    """Wall seconds of each side's call i, for i < n, the sides taken in turns (their order
+    reversed every other round), so that all of them meet the same minutes of a noisy machine;
+    `gap_s` of idle after each call lets the last one's spinning threads go to sleep."""
+    times: list[list[float]] = [[] for _ in sides]
+    for i in range(n):
+        for k in range(len(sides)) if i % 2 == 0 else reversed(range(len(sides))):
+            t0 = time.perf_counter()
+            await sides[k](i)
+            times[k].append(time.perf_counter() - t0)
+            time.sleep(gap_s)
+    return times
+
+
+def http_side(send: Send, server_compute: list[float] | None = None, **extra) -> Side:
+    """Request i over HTTP; appends the response's `timings.compute_ms` (admission to the last
+    image, on the device thread) in seconds to `server_compute` when given."""
+
+    async def side(i: int) -> None:
+        status, content = await send(body(i, **extra))
+        check(status, i)
+        if server_compute is not None:
+            server_compute.append(json.loads(content)["timings"]["compute_ms"] / 1e3)
+
+    return side
+
+
+@dataclass
+class Paired:
+    """Seconds per request of one run: the 3-step student over HTTP, the server's own generation
+    inside it, and the same generation in-process (taken in turns with the HTTP request)."""
+
+    http: list[float]
+    server_compute: list[float]
+    local: list[float]
+
+
 def paired_latencies(
     url: str, n: int, client: str, gen: Callable[[list[int]], object], gap_s: float = 0.01
-) -> tuple[list[float], list[float]]:
-    """Wall seconds of one 3-step request over HTTP and of the same generation in-process, taken
-    in turns (which goes first alternates), so that both sides meet the same minutes of a noisy
-    machine; `gap_s` of idle after each lets the other side's spinning threads go to sleep."""
+) -> Paired:
+    """One 3-step request over HTTP and the same generation in-process, in turns (`in_turns`)."""
 
-    async def run() -> tuple[list[float], list[float]]:
+    async def run() -> Paired:
         async with AsyncExitStack() as stack:
             (send,) = await CLIENTS[client](url, 1, stack)
-            http, local = [], []
+            server: list[float] = []
 
-            def in_process(i: int) -> None:
-                t0 = time.perf_counter()
+            async def local(i: int) -> None:
                 gen([i])
-                local.append(time.perf_counter() - t0)
-                time.sleep(gap_s)
 
-            for i in range(n):
-                if i % 2:
-                    in_process(i)
-                t0 = time.perf_counter()
-                status = await send(body(i))
-                http.append(time.perf_counter() - t0)
-                check(status, i)
-                time.sleep(gap_s)
-                if not i % 2:
-                    in_process(i)
-            return http, local
+            http, in_process = await in_turns([http_side(send, server), local], n, gap_s)
+            return Paired(http, server, in_process)
 
     return asyncio.run(run())
+
+
+def teacher_and_student_latencies(url: str, n: int, client: str, gap_s: float = 0.01) -> tuple[list[float], list[float]]:
+    """The teacher (25 steps, CFG) and the 3-step student, one request each over HTTP, in turns:
+    both meet the same idle gaps and the same cache state, as a user's lone requests would."""
+
+    async def run() -> list[list[float]]:
+        async with AsyncExitStack() as stack:
+            (send,) = await CLIENTS[client](url, 1, stack)
+            teacher = http_side(send, model="teacher", steps=25)
+            return await in_turns([teacher, http_side(send)], n, gap_s)
+
+    teacher, student = asyncio.run(run())
+    return teacher, student
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -251,7 +299,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument(
         "--concurrency", type=int, default=16, help="concurrent clients (and the in-process batch)"
     )
-    p.add_argument("--teacher-requests", type=int, default=5, help="teacher (25 steps, CFG) latency samples")
+    p.add_argument("--teacher-requests", type=int, default=20,
+                   help="teacher (25 steps, CFG) latency samples, each taken in turn with a 3-step one")
     p.add_argument("--decoder", choices=["full", "tiny"], default="full",
                    help="the family's VAE decoder or its fast one (vae_tiny/), on both sides")
     p.add_argument("--client", choices=sorted(CLIENTS), default="httpx",
@@ -260,6 +309,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",
                    help="the service's backend, and the in-process baseline's calls, on both sides")
     p.add_argument("--onnx-dir", type=Path, help="the export the onnxruntime backend serves (default <model>/onnx)")
+    p.add_argument("--gap-ms", type=float, default=10.0,
+                   help="idle after each latency sample taken in turns (lets spinning thread pools sleep)")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
 
@@ -276,9 +327,12 @@ def main(argv: list[str] | None = None) -> dict:
     gen = local_generator(model, **on)
     with server(model, max_batch_size=k, **on) as url:
         http_latencies(url, 2, c)  # warm the connection path
-        http_lat, local_lat = paired_latencies(url, n, c, gen)
-        http_p50, local_p50 = statistics.median(http_lat), statistics.median(local_lat)
-        teacher_p50 = statistics.median(http_latencies(url, args.teacher_requests, c, model="teacher", steps=25))
+        paired = paired_latencies(url, n, c, gen, args.gap_ms / 1e3)
+        http_p50, local_p50 = statistics.median(paired.http), statistics.median(paired.local)
+        server_p50 = statistics.median(paired.server_compute)
+        own_p50 = statistics.median(h - g for h, g in zip(paired.http, paired.server_compute, strict=True))
+        teacher_lat, student_lat = teacher_and_student_latencies(url, args.teacher_requests, c, args.gap_ms / 1e3)
+        teacher_p50, student_p50 = statistics.median(teacher_lat), statistics.median(student_lat)
         http_throughput(url, 2 * k, k, c)  # warm up like the in-process side: connections, batch shapes
         images0, calls0 = images_per_unet_call(url)
         batched, client_cpu = http_throughput(url, n, k, c)
@@ -293,18 +347,22 @@ def main(argv: list[str] | None = None) -> dict:
         ("p50 latency, 3-step, 1 client (ms)", http_p50 * 1e3, local_p50 * 1e3, http_p50 / local_p50, "<= 1.10"),
         (f"throughput, {k} clients (img/s)", batched, local_throughput, batched / local_throughput, ">= 0.90"),
         (f"throughput, {k} clients, batching vs max_batch_size=1", batched, unbatched, batched / unbatched, "report"),
-        ("per image: teacher 25 steps + CFG vs 3-step (ms)", teacher_p50 * 1e3, http_p50 * 1e3, teacher_p50 / http_p50, ">= 10"),
+        ("per image: teacher 25 steps + CFG vs 3-step (ms)", teacher_p50 * 1e3, student_p50 * 1e3, teacher_p50 / student_p50, ">= 10"),
     ]  # fmt: skip
     print(f"\nmodel {model}  backend {args.backend}  decoder {args.decoder}  client {c}  requests {n}  concurrency {k}  torch threads: default")
     print(f"{'measure':<56}{'service':>12}{'baseline':>12}{'ratio':>9}  target")
     for name, a, b, ratio, target in rows:
         print(f"{name:<56}{a:>12.2f}{b:>12.2f}{ratio:>9.2f}  {target}")
+    print(f"of the HTTP p50: the server's own generation (timings.compute_ms) p50 {server_p50 * 1e3:.2f} ms "
+          f"({server_p50 / local_p50:.2f}x in-process); per request, HTTP minus it: p50 {own_p50 * 1e3:.2f} ms")
     print(f"images per U-Net call during the {k}-client run: {fill:.1f} (in-process: {k})")
     print(f"the clients' own CPU per image during that run: {client_cpu * 1e3:.2f} ms "
           f"(on this machine's cores, beside the server; in-process: {1e3 / local_throughput:.2f} ms wall per image)")
     results = {
         name: {"service": a, "baseline": b, "ratio": ratio, "target": t} for name, a, b, ratio, t in rows
     }
+    results["p50 server generation ms (timings.compute_ms)"] = server_p50 * 1e3
+    results["p50 HTTP minus server generation ms"] = own_p50 * 1e3
     results["images per U-Net call, concurrent run"] = fill
     results["client CPU ms per image, concurrent run"] = client_cpu * 1e3
     if args.json:

@@ -115,7 +115,7 @@ async def client(url: str, n: int) -> list[tuple[float, float]]:
     out = []
     for i in range(n):
         t0 = time.perf_counter()
-        status = await raw_post(reader, writer, u.host, body(i))
+        status, _ = await raw_post(reader, writer, u.host, body(i))
         out.append((t0, time.perf_counter()))
         check(status, i)
     writer.close()

@@ -4,9 +4,11 @@ SIGHUP), and a Prometheus exposition that `promtool check metrics` accepts."""
 import asyncio
 import base64
 import io
+import json
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -215,6 +217,7 @@ def load_bench(name: str):
     path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(f"{name}_bench", path)
     bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # dataclasses look their module up there
     spec.loader.exec_module(bench)
     return bench
 
@@ -232,24 +235,33 @@ def test_service_timeline_bench_marks_every_stage_of_a_request(tmp_path):
     assert 0 < out["generation_ms"] < out["total_ms"]  # the marks bracket the generation, the client the whole
 
 
-def test_bench_service_takes_http_and_in_process_latencies_in_turns(monkeypatch):
+def test_bench_service_takes_its_compared_latencies_in_turns(monkeypatch):
     """The p50 ratio's two sides alternate request by request (and which goes first), so a
-    machine that slows down for a minute slows both."""
+    machine that slows down for a minute slows both; so do the teacher's and the student's."""
     bench = load_bench("bench_service")
-    order = []
+    order, sent = [], []
 
     async def senders(url, k, stack):
         async def send(payload):
             order.append(("http", payload["seed"]))
-            return 200
+            sent.append((payload["model"], payload.get("steps")))
+            return 200, json.dumps({"timings": {"compute_ms": 1.5 + payload["seed"]}}).encode()
 
         return [send] * k
 
     monkeypatch.setitem(bench.CLIENTS, "fake", senders)
-    http, local = bench.paired_latencies("http://test", 4, "fake", lambda ids: order.append(("local", *ids)), 0)
+    out = bench.paired_latencies("http://test", 4, "fake", lambda ids: order.append(("local", *ids)), 0)
     assert order == [("http", 0), ("local", 0), ("local", 1), ("http", 1),
                      ("http", 2), ("local", 2), ("local", 3), ("http", 3)]  # fmt: skip
-    assert len(http) == len(local) == 4 and min(http + local) >= 0
+    sent.clear()
+    assert len(out.http) == len(out.local) == 4 and min(out.http + out.local) >= 0
+    assert out.server_compute == [0.0015, 0.0025, 0.0035, 0.0045]  # each response's own timings, in s
+
+    order.clear()
+    teacher, student = bench.teacher_and_student_latencies("http://test", 3, "fake", 0)
+    assert order == [("http", 0), ("http", 0), ("http", 1), ("http", 1), ("http", 2), ("http", 2)]
+    assert [m for m, _ in sent] == ["teacher", "flash-3step", "flash-3step", "teacher", "teacher", "flash-3step"]
+    assert {steps for m, steps in sent if m == "teacher"} == {25} and len(teacher) == len(student) == 3
 
 
 def test_bench_service_prints_the_four_ratios_on_a_tiny_family(tmp_path):
@@ -259,4 +271,7 @@ def test_bench_service_prints_the_four_ratios_on_a_tiny_family(tmp_path):
     rows = [v for v in out.values() if isinstance(v, dict)]
     assert len(rows) == 4 and all(r["service"] > 0 and r["baseline"] > 0 for r in rows)
     assert all(r["ratio"] == pytest.approx(r["service"] / r["baseline"]) for r in rows)
+    http_p50 = out["p50 latency, 3-step, 1 client (ms)"]["service"]
+    assert 0 < out["p50 server generation ms (timings.compute_ms)"] < http_p50
+    assert 0 < out["p50 HTTP minus server generation ms"] < http_p50
     assert (tmp_path / "r.json").is_file()
