@@ -277,7 +277,9 @@ def paired_latencies(
     return asyncio.run(run())
 
 
-def teacher_and_student_latencies(url: str, n: int, client: str, gap_s: float = 0.01) -> tuple[list[float], list[float]]:
+def teacher_and_student_latencies(
+    url: str, n: int, client: str, gap_s: float = 0.01
+) -> tuple[list[float], list[float]]:
     """The teacher (25 steps, CFG) and the 3-step student, one request each over HTTP, in turns:
     both meet the same idle gaps and the same cache state, as a user's lone requests would."""
 
