@@ -253,13 +253,11 @@ def test_bench_service_takes_its_compared_latencies_in_turns(monkeypatch):
     out = bench.paired_latencies("http://test", 4, "fake", lambda ids: order.append(("local", *ids)), 0)
     assert order == [("http", 0), ("local", 0), ("local", 1), ("http", 1),
                      ("http", 2), ("local", 2), ("local", 3), ("http", 3)]  # fmt: skip
-    sent.clear()
     assert len(out.http) == len(out.local) == 4 and min(out.http + out.local) >= 0
     assert out.server_compute == [0.0015, 0.0025, 0.0035, 0.0045]  # each response's own timings, in s
 
-    order.clear()
+    sent.clear()
     teacher, student = bench.teacher_and_student_latencies("http://test", 3, "fake", 0)
-    assert order == [("http", 0), ("http", 0), ("http", 1), ("http", 1), ("http", 2), ("http", 2)]
     assert [m for m, _ in sent] == ["teacher", "flash-3step", "flash-3step", "teacher", "teacher", "flash-3step"]
     assert {steps for m, steps in sent if m == "teacher"} == {25} and len(teacher) == len(student) == 3
 
