@@ -120,19 +120,8 @@ def check(status: int, i: int) -> None:
 
 def http_latencies(url: str, n: int, client: str = "httpx", **extra) -> list[float]:
     """Sequential requests from one client: wall seconds each."""
-
-    async def run() -> list[float]:
-        async with AsyncExitStack() as stack:
-            (send,) = await CLIENTS[client](url, 1, stack)
-            out = []
-            for i in range(n):
-                t0 = time.perf_counter()
-                status, _ = await send(body(i, **extra))
-                out.append(time.perf_counter() - t0)
-                check(status, i)
-            return out
-
-    return asyncio.run(run())
+    (times,) = on_one_connection(url, client, n, 0.0, lambda send: [http_side(send, **extra)])
+    return times
 
 
 def http_throughput(url: str, n: int, concurrency: int, client: str = "httpx") -> tuple[float, float]:
@@ -258,23 +247,30 @@ class Paired:
     local: list[float]
 
 
+def on_one_connection(
+    url: str, client: str, n: int, gap_s: float, sides: Callable[[Send], list[Side]]
+) -> list[list[float]]:
+    """`in_turns` over the sides that `sides` builds around one keep-alive client connection."""
+
+    async def run() -> list[list[float]]:
+        async with AsyncExitStack() as stack:
+            (send,) = await CLIENTS[client](url, 1, stack)
+            return await in_turns(sides(send), n, gap_s)
+
+    return asyncio.run(run())
+
+
 def paired_latencies(
     url: str, n: int, client: str, gen: Callable[[list[int]], object], gap_s: float = 0.01
 ) -> Paired:
     """One 3-step request over HTTP and the same generation in-process, in turns (`in_turns`)."""
+    server: list[float] = []
 
-    async def run() -> Paired:
-        async with AsyncExitStack() as stack:
-            (send,) = await CLIENTS[client](url, 1, stack)
-            server: list[float] = []
+    async def local(i: int) -> None:
+        gen([i])
 
-            async def local(i: int) -> None:
-                gen([i])
-
-            http, in_process = await in_turns([http_side(send, server), local], n, gap_s)
-            return Paired(http, server, in_process)
-
-    return asyncio.run(run())
+    http, in_process = on_one_connection(url, client, n, gap_s, lambda send: [http_side(send, server), local])
+    return Paired(http, server, in_process)
 
 
 def teacher_and_student_latencies(
@@ -282,14 +278,9 @@ def teacher_and_student_latencies(
 ) -> tuple[list[float], list[float]]:
     """The teacher (25 steps, CFG) and the 3-step student, one request each over HTTP, in turns:
     both meet the same idle gaps and the same cache state, as a user's lone requests would."""
-
-    async def run() -> list[list[float]]:
-        async with AsyncExitStack() as stack:
-            (send,) = await CLIENTS[client](url, 1, stack)
-            teacher = http_side(send, model="teacher", steps=25)
-            return await in_turns([teacher, http_side(send)], n, gap_s)
-
-    teacher, student = asyncio.run(run())
+    teacher, student = on_one_connection(
+        url, client, n, gap_s, lambda send: [http_side(send, model="teacher", steps=25), http_side(send)]
+    )
     return teacher, student
 
 
