@@ -3,7 +3,7 @@
     python bench/bench_service.py --model models/shapes64 --requests 64 --concurrency 16
     python bench/bench_service.py --tiny --requests 8 --concurrency 4     # smoke run
 
-Prints four ratios side by side, and how full the U-Net calls were during the
+Prints five ratios side by side, and how full the U-Net calls were during the
 concurrent run (images per call, read from the server's /metrics):
   1. p50 latency of one 3-step request over HTTP / the same generation in-process
      (TextToImage.student_latents + decode, batch 1), the two taken in turns  target <= 1.10
@@ -17,6 +17,8 @@ concurrent run (images per call, read from the server's /metrics):
   4. per-image latency of the teacher (25 steps, CFG) / the 3-step student, both over HTTP,
      one request of each in turns
                                                                              target >= 10
+  5. the same target read under load: seconds per image of the teacher / of the 3-step
+     student, each with `concurrency` clients over HTTP (1 / throughput)     target >= 10
 Each server runs as its own process (`python -m service`), the clients here, on the same
 cores: it also prints the clients' own CPU per image, and `--client raw` swaps httpx for
 hand-written keep-alive connections that spend less of them.
@@ -42,6 +44,7 @@ import httpx
 from service.testing import serve_in_process
 
 STUDENT = "flash-3step"
+TEACHER = {"model": "teacher", "steps": 25}  # with the family's own guidance scale
 
 
 @contextmanager
@@ -124,9 +127,10 @@ def http_latencies(url: str, n: int, client: str = "httpx", **extra) -> list[flo
     return times
 
 
-def http_throughput(url: str, n: int, concurrency: int, client: str = "httpx") -> tuple[float, float]:
-    """Images per second with `concurrency` clients each sending requests back to back, and the
-    clients' own CPU seconds per image (they share this machine's cores with the server)."""
+def http_throughput(url: str, n: int, concurrency: int, client: str = "httpx", **extra) -> tuple[float, float]:
+    """Images per second with `concurrency` clients each sending requests back to back (bodies
+    `body(i, **extra)`), and the clients' own CPU seconds per image (they share this machine's
+    cores with the server)."""
 
     async def run() -> tuple[float, float]:
         todo = iter(range(n))
@@ -135,7 +139,7 @@ def http_throughput(url: str, n: int, concurrency: int, client: str = "httpx") -
 
             async def one(send: Send) -> None:
                 for i in todo:
-                    check((await send(body(i)))[0], i)
+                    check((await send(body(i, **extra)))[0], i)
 
             t0, cpu0 = time.perf_counter(), time.process_time()
             await asyncio.gather(*[one(send) for send in senders])
@@ -279,7 +283,7 @@ def teacher_and_student_latencies(
     """The teacher (25 steps, CFG) and the 3-step student, one request each over HTTP, in turns:
     both meet the same idle gaps and the same cache state, as a user's lone requests would."""
     teacher, student = on_one_connection(
-        url, client, n, gap_s, lambda send: [http_side(send, model="teacher", steps=25), http_side(send)]
+        url, client, n, gap_s, lambda send: [http_side(send, **TEACHER), http_side(send)]
     )
     return teacher, student
 
@@ -294,6 +298,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument("--teacher-requests", type=int, default=20,
                    help="teacher (25 steps, CFG) latency samples, each taken in turn with a 3-step one")
+    p.add_argument("--teacher-load-requests", type=int, default=0,
+                   help="teacher requests timed under load, `concurrency` clients (default: 2 x concurrency)")
     p.add_argument("--decoder", choices=["full", "tiny"], default="full",
                    help="the family's VAE decoder or its fast one (vae_tiny/), on both sides")
     p.add_argument("--client", choices=sorted(CLIENTS), default="httpx",
@@ -331,6 +337,8 @@ def main(argv: list[str] | None = None) -> dict:
         batched, client_cpu = http_throughput(url, n, k, c)
         images1, calls1 = images_per_unet_call(url)
         fill = (images1 - images0) / max(1.0, calls1 - calls0)
+        http_throughput(url, k, k, c, **TEACHER)  # warm the teacher's batch shapes
+        teacher_rate, _ = http_throughput(url, args.teacher_load_requests or 2 * k, k, c, **TEACHER)
     with server(model, max_batch_size=1, **on) as url:
         http_throughput(url, 2 * k, k, c)
         unbatched, _ = http_throughput(url, n, k, c)
@@ -341,11 +349,12 @@ def main(argv: list[str] | None = None) -> dict:
         (f"throughput, {k} clients (img/s)", batched, local_throughput, batched / local_throughput, ">= 0.90"),
         (f"throughput, {k} clients, batching vs max_batch_size=1", batched, unbatched, batched / unbatched, "report"),
         ("per image: teacher 25 steps + CFG vs 3-step (ms)", teacher_p50 * 1e3, student_p50 * 1e3, teacher_p50 / student_p50, ">= 10"),
+        (f"per image at {k} clients: teacher vs 3-step (ms)", 1e3 / teacher_rate, 1e3 / batched, batched / teacher_rate, ">= 10"),
     ]  # fmt: skip
     print(f"\nmodel {model}  backend {args.backend}  decoder {args.decoder}  client {c}  requests {n}  concurrency {k}  torch threads: default")
-    print(f"{'measure':<56}{'service':>12}{'baseline':>12}{'ratio':>9}  target")
+    print(f"{'measure':<60}{'service':>12}{'baseline':>12}{'ratio':>9}  target")
     for name, a, b, ratio, target in rows:
-        print(f"{name:<56}{a:>12.2f}{b:>12.2f}{ratio:>9.2f}  {target}")
+        print(f"{name:<60}{a:>12.2f}{b:>12.2f}{ratio:>9.2f}  {target}")
     print(f"of the HTTP p50: the server's own generation (timings.compute_ms) p50 {server_p50 * 1e3:.2f} ms "
           f"({server_p50 / local_p50:.2f}x in-process); per request, HTTP minus it: p50 {own_p50 * 1e3:.2f} ms")
     print(f"images per U-Net call during the {k}-client run: {fill:.1f} (in-process: {k})")

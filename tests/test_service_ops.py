@@ -262,12 +262,29 @@ def test_bench_service_takes_its_compared_latencies_in_turns(monkeypatch):
     assert {steps for m, steps in sent if m == "teacher"} == {25} and len(teacher) == len(student) == 3
 
 
-def test_bench_service_prints_the_four_ratios_on_a_tiny_family(tmp_path):
+def test_bench_service_times_the_teacher_under_load_with_teacher_requests(monkeypatch):
+    """Row 5 (seconds per image under load) sends the teacher's 25-step bodies from every client."""
+    bench = load_bench("bench_service")
+    sent = []
+
+    async def senders(url, k, stack):
+        async def send(payload):
+            sent.append((payload["model"], payload.get("steps"), payload["seed"]))
+            return 200, b"{}"
+
+        return [send] * k
+
+    monkeypatch.setitem(bench.CLIENTS, "fake", senders)
+    rate, _ = bench.http_throughput("http://test", 6, 3, "fake", **bench.TEACHER)
+    assert sorted(sent) == [("teacher", 25, i) for i in range(6)] and rate > 0
+
+
+def test_bench_service_prints_the_five_ratios_on_a_tiny_family(tmp_path):
     bench = load_bench("bench_service")
     out = bench.main(["--tiny", "--requests", "4", "--concurrency", "2", "--teacher-requests", "1",
-                      "--client", "raw", "--json", str(tmp_path / "r.json")])  # fmt: skip
+                      "--teacher-load-requests", "2", "--client", "raw", "--json", str(tmp_path / "r.json")])  # fmt: skip
     rows = [v for v in out.values() if isinstance(v, dict)]
-    assert len(rows) == 4 and all(r["service"] > 0 and r["baseline"] > 0 for r in rows)
+    assert len(rows) == 5 and all(r["service"] > 0 and r["baseline"] > 0 for r in rows)
     assert all(r["ratio"] == pytest.approx(r["service"] / r["baseline"]) for r in rows)
     http_p50 = out["p50 latency, 3-step, 1 client (ms)"]["service"]
     assert 0 < out["p50 server generation ms (timings.compute_ms)"] < http_p50
