@@ -239,15 +239,26 @@ def distill_step(
     return logs
 
 
+HISTORY_KEYS = ("out", "steps", "student_init", "batch_size", "srl", "srl_noise", "trained_steps", "minutes", "device",
+                "soup")  # fmt: skip
+
+
 def init_history(student_init: str) -> list[dict]:
     """The training stages a student_init went through (from its card), oldest first: a student
     trained in stages (say on a GPU, then on a CPU) keeps a record of every stage."""
     if not student_init or not (Path(student_init) / CARD).is_file():
         return []
     d = read_student_card(Path(student_init)).distill
-    keys = ("out", "steps", "student_init", "batch_size", "srl", "srl_noise", "trained_steps", "minutes", "device",
-            "soup")  # fmt: skip
-    return [*d.get("history", []), {k: d[k] for k in keys if k in d}]
+    return [*d.get("history", []), {k: d[k] for k in HISTORY_KEYS if k in d}]
+
+
+def fork_history(meta: dict, step: int) -> list[dict]:
+    """The stages before a fork of another run's checkpoint: that run's own history (saved in its
+    checkpoint; older checkpoints: its student_init's), then that run up to the fork."""
+    source = meta.get("config", {})
+    before = meta["history"] if "history" in meta else init_history(source.get("student_init", ""))
+    stage = {k: source[k] for k in HISTORY_KEYS if k in source}
+    return [*before, {**stage, "trained_steps": step, "minutes": round(meta.get("minutes", 0.0), 2)}]
 
 
 def device_name(device: torch.device) -> str:
@@ -310,11 +321,13 @@ def distill(cfg: DistillConfig, progress: bool = True) -> Path:
     ckpt = out / "ckpt"
     step, earlier = 0, 0.0  # earlier: minutes trained before a resume
     start_from = ckpt if ckpt.is_dir() else Path(cfg.resume_from) if cfg.resume_from else None
+    history = init_history(cfg.student_init)  # the stages before this run, for its card
     if start_from is not None:
         if not start_from.is_dir():
             raise ValueError(f"resume_from {start_from} is not a checkpoint folder (a run's ckpt/)")
         step, meta = restore(m, cfg, start_from, accelerator)
         earlier = meta.get("minutes", 0.0)
+        history = meta.get("history", history) if start_from == ckpt else fork_history(meta, step)
     # ...but each rank draws its own noise and prompts
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + step * 7 + accelerator.process_index)
     stream = make_stream(cfg, m.pipe.image_size, cfg.seed + 7919 * (step + 1) + accelerator.process_index)
@@ -341,7 +354,7 @@ def distill(cfg: DistillConfig, progress: bool = True) -> Path:
         # max_minutes budgets this invocation (a resume gets its own); minutes() counts them all
         out_of_time = cfg.max_minutes > 0 and time.time() - start > cfg.max_minutes * 60
         if main and (done % cfg.checkpoint_every == 0 or done == cfg.max_steps or out_of_time):
-            meta = {"config": cfg.to_dict(), "minutes": minutes()}
+            meta = {"config": cfg.to_dict(), "minutes": minutes(), "history": history}
             save_checkpoint(ckpt, done, _modules(m, accelerator), _optimizers(m), meta)
         if main and done % cfg.sample_every == 0:
             save_png(sample_grid(m, ema_student(m, accelerator), cfg), out / "samples" / f"step{done:06d}.png")
@@ -365,7 +378,7 @@ def distill(cfg: DistillConfig, progress: bool = True) -> Path:
             teacher_sha256=folder_sha256(Path(cfg.teacher) / "unet"),
             distill={**cfg.to_dict(), "trained_steps": step + 1, "minutes": round(minutes(), 2),
                      "device": device_name(accelerator.device), "processes": accelerator.num_processes,
-                     "history": init_history(cfg.student_init)},  # fmt: skip
+                     "history": history},  # fmt: skip
             eval=figures,
         )
         save_student(unet, card, folder, m.teacher.scheduler_config, dtype=getattr(torch, cfg.save_dtype))

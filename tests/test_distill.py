@@ -217,6 +217,13 @@ def test_resume_from_forks_another_runs_checkpoint_and_leaves_it_alone(family, t
     assert card.distill["trained_steps"] == 2 and card.distill["resume_from"] == str(source)
     assert 100.0 <= card.distill["minutes"] < 110 and card.distill["adv_weight"] == 0.5  # its minutes, new settings
     assert (tmp_path / "fork" / "run" / "ckpt").is_dir() and (source / "state.json").read_text() == before
+    # the run it forked is a stage of its history, as far as the fork (and a fork of the fork keeps both)
+    assert [(h["out"], h["trained_steps"], h["minutes"]) for h in card.distill["history"]] == [
+        (str(tmp_path / "run"), 1, 100.0)]
+    fork2 = _cfg(family, tmp_path / "fork2", max_steps=3, resume_from=str(tmp_path / "fork" / "run" / "ckpt"))
+    history2 = load_student(trainer.distill(fork2, progress=False)).card.distill["history"]
+    assert [(h["out"], h["trained_steps"]) for h in history2] == [
+        (str(tmp_path / "run"), 1), (str(tmp_path / "fork" / "run"), 2)]
     # the fork's learning rates, not the source's (an optimizer's state carries its old ones)
     groups = json.loads((tmp_path / "fork" / "run" / "ckpt" / "state.json").read_text())["optimizers"]
     assert groups["opt"]["param_groups"][0]["lr"] == 3e-4 and groups["opt_d"]["param_groups"][0]["lr"] == 2e-4
