@@ -279,12 +279,34 @@ def test_bench_service_times_the_teacher_under_load_with_teacher_requests(monkey
     assert sorted(sent) == [("teacher", 25, i) for i in range(6)] and rate > 0
 
 
-def test_bench_service_prints_the_five_ratios_on_a_tiny_family(tmp_path):
+def test_bench_service_takes_the_throughput_ratio_in_turns(monkeypatch):
+    """The throughput ratio alternates a window of concurrent requests with the same number of
+    in-process images at the clients' batch size, round by round (which goes first alternates)."""
+    bench = load_bench("bench_service")
+    order = []
+
+    async def senders(url, k, stack):
+        async def send(payload):
+            order.append(("http", payload["seed"]))
+            return 200, b"{}"
+
+        return [send] * k
+
+    monkeypatch.setitem(bench.CLIENTS, "fake", senders)
+    http, local = bench.throughput_in_turns("http://test", 4, 2, "fake", lambda ids: order.append(("local", *ids)),
+                                            rounds=2, gap_s=0)  # fmt: skip
+    assert order == [*[("http", i) for i in range(4)], ("local", 0, 1), ("local", 2, 3),
+                     ("local", 0, 1), ("local", 2, 3), *[("http", i) for i in range(4, 8)]]  # fmt: skip
+    assert http > 0 and local > 0
+
+
+def test_bench_service_prints_the_six_ratios_on_a_tiny_family(tmp_path):
     bench = load_bench("bench_service")
     out = bench.main(["--tiny", "--requests", "4", "--concurrency", "2", "--teacher-requests", "1",
-                      "--teacher-load-requests", "2", "--client", "raw", "--json", str(tmp_path / "r.json")])  # fmt: skip
+                      "--teacher-load-requests", "2", "--throughput-rounds", "2", "--client", "raw",
+                      "--json", str(tmp_path / "r.json")])  # fmt: skip
     rows = [v for v in out.values() if isinstance(v, dict)]
-    assert len(rows) == 5 and all(r["service"] > 0 and r["baseline"] > 0 for r in rows)
+    assert len(rows) == 6 and all(r["service"] > 0 and r["baseline"] > 0 for r in rows)
     assert all(r["ratio"] == pytest.approx(r["service"] / r["baseline"]) for r in rows)
     http_p50 = out["p50 latency, 3-step, 1 client (ms)"]["service"]
     assert 0 < out["p50 server generation ms (timings.compute_ms)"] < http_p50
