@@ -367,7 +367,7 @@ def main(argv: list[str] | None = None) -> dict:
         teacher_lat, student_lat = teacher_and_student_latencies(url, args.teacher_requests, c, args.gap_ms / 1e3)
         teacher_p50, student_p50 = statistics.median(teacher_lat), statistics.median(student_lat)
         http_throughput(url, 2 * k, k, c)  # warm up like the in-process side: connections, batch shapes
-        gen(list(range(k)))
+        gen(list(range(k)))  # the in-process batch shape, warm for the rounds in turns
         images0, calls0 = images_per_unet_call(url)
         batched, client_cpu = http_throughput(url, n, k, c)
         images1, calls1 = images_per_unet_call(url)
