@@ -263,7 +263,7 @@ def test_bench_service_takes_its_compared_latencies_in_turns(monkeypatch):
 
 
 def test_bench_service_times_the_teacher_under_load_with_teacher_requests(monkeypatch):
-    """Row 5 (seconds per image under load) sends the teacher's 25-step bodies from every client."""
+    """http_throughput sends the bodies it is given from every client (the teacher's warm-up window)."""
     bench = load_bench("bench_service")
     sent = []
 
@@ -277,6 +277,25 @@ def test_bench_service_times_the_teacher_under_load_with_teacher_requests(monkey
     monkeypatch.setitem(bench.CLIENTS, "fake", senders)
     rate, _ = bench.http_throughput("http://test", 6, 3, "fake", **bench.TEACHER)
     assert sorted(sent) == [("teacher", 25, i) for i in range(6)] and rate > 0
+
+
+def test_bench_service_takes_the_teacher_and_student_windows_under_load_in_turns(monkeypatch):
+    """Row 5's two sides: a window of teacher requests and one of 3-step requests, in turns."""
+    bench = load_bench("bench_service")
+    sent = []
+
+    async def senders(url, k, stack):
+        async def send(payload):
+            sent.append((payload["model"], payload.get("steps"), payload["seed"]))
+            return 200, b"{}"
+
+        return [send] * k
+
+    monkeypatch.setitem(bench.CLIENTS, "fake", senders)
+    teacher, student = bench.teacher_and_student_under_load("http://test", 2, 3, 2, "fake", rounds=2, gap_s=0)
+    assert sent == [("teacher", 25, 0), ("teacher", 25, 1), *[("flash-3step", None, i) for i in range(3)],
+                    *[("flash-3step", None, i) for i in range(3, 6)], ("teacher", 25, 2), ("teacher", 25, 3)]  # fmt: skip
+    assert teacher > 0 and student > 0
 
 
 def test_bench_service_takes_the_throughput_ratio_in_turns(monkeypatch):
