@@ -262,10 +262,8 @@ def test_bench_service_takes_its_compared_latencies_in_turns(monkeypatch):
     assert {steps for m, steps in sent if m == "teacher"} == {25} and len(teacher) == len(student) == 3
 
 
-def test_bench_service_times_the_teacher_under_load_with_teacher_requests(monkeypatch):
-    """http_throughput sends the bodies it is given from every client (the teacher's warm-up window)."""
-    bench = load_bench("bench_service")
-    sent = []
+def recording_senders(sent: list):
+    """A fake bench client: every request's (model, steps, seed) goes to `sent`, answered 200."""
 
     async def senders(url, k, stack):
         async def send(payload):
@@ -274,24 +272,21 @@ def test_bench_service_times_the_teacher_under_load_with_teacher_requests(monkey
 
         return [send] * k
 
-    monkeypatch.setitem(bench.CLIENTS, "fake", senders)
+    return senders
+
+
+def test_bench_service_times_the_teacher_under_load_with_teacher_requests(monkeypatch):
+    """http_throughput sends the bodies it is given from every client (the teacher's warm-up window)."""
+    bench, sent = load_bench("bench_service"), []
+    monkeypatch.setitem(bench.CLIENTS, "fake", recording_senders(sent))
     rate, _ = bench.http_throughput("http://test", 6, 3, "fake", **bench.TEACHER)
     assert sorted(sent) == [("teacher", 25, i) for i in range(6)] and rate > 0
 
 
 def test_bench_service_takes_the_teacher_and_student_windows_under_load_in_turns(monkeypatch):
     """Row 5's two sides: a window of teacher requests and one of 3-step requests, in turns."""
-    bench = load_bench("bench_service")
-    sent = []
-
-    async def senders(url, k, stack):
-        async def send(payload):
-            sent.append((payload["model"], payload.get("steps"), payload["seed"]))
-            return 200, b"{}"
-
-        return [send] * k
-
-    monkeypatch.setitem(bench.CLIENTS, "fake", senders)
+    bench, sent = load_bench("bench_service"), []
+    monkeypatch.setitem(bench.CLIENTS, "fake", recording_senders(sent))
     teacher, student = bench.teacher_and_student_under_load("http://test", 2, 3, 2, "fake", rounds=2, gap_s=0)
     assert sent == [("teacher", 25, 0), ("teacher", 25, 1), *[("flash-3step", None, i) for i in range(3)],
                     *[("flash-3step", None, i) for i in range(3, 6)], ("teacher", 25, 2), ("teacher", 25, 3)]  # fmt: skip
