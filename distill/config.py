@@ -77,6 +77,13 @@ class DistillConfig:
     ema_decay: float = 0.999
     max_steps: int = 2000
     max_minutes: float = 0.0  # > 0: also stop after this many minutes
+    # warm-ups for a run that starts from a trained student with fresh optimizer states (not in
+    # the paper): the first `disc_warmup_steps` steps train only the discriminator (the student
+    # is held still, so a fresh discriminator's random verdicts never reach it), then the
+    # student's learning rate rises linearly from 0 to `lr` over `lr_warmup_steps` steps (a fresh
+    # Adam's first updates are ~lr on every weight, whatever its gradient)
+    disc_warmup_steps: int = 0
+    lr_warmup_steps: int = 0
 
     # bookkeeping
     checkpoint_every: int = 100
@@ -121,6 +128,11 @@ class DistillConfig:
             raise ValueError(f"unknown srl_noise {self.srl_noise!r}; allowed: {', '.join(SRL_NOISES)}")
         if self.compile_teacher not in COMPILE_MODES:
             raise ValueError(f"unknown compile_teacher {self.compile_teacher!r}; allowed: {', '.join(COMPILE_MODES)}")
+        if self.disc_warmup_steps < 0 or self.lr_warmup_steps < 0:
+            raise ValueError(f"disc_warmup_steps and lr_warmup_steps must be >= 0, got {self.disc_warmup_steps}, "
+                             f"{self.lr_warmup_steps}")  # fmt: skip
+        if self.disc_warmup_steps and not self.use_discriminator:
+            raise ValueError("disc_warmup_steps needs the discriminator (adv_weight > 0 and real data)")
         self.adam_betas = tuple(self.adam_betas)
 
     @property

@@ -168,10 +168,45 @@ def encode_images(pipe: TextToImage, images: np.ndarray, gen: torch.Generator) -
     return latents.contiguous()
 
 
+def student_lr(cfg: DistillConfig, step: int) -> float:
+    """The student's learning rate at (0-based) `step` of the run: 0 while the discriminator warms
+    up, then a linear rise to `cfg.lr` over `cfg.lr_warmup_steps` steps."""
+    k = step - cfg.disc_warmup_steps
+    if k < 0:
+        return 0.0
+    return cfg.lr * min(1.0, (k + 1) / cfg.lr_warmup_steps) if cfg.lr_warmup_steps else cfg.lr
+
+
+def noised_for_disc(x0: Tensor, cfg: DistillConfig, schedule, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Discriminator timesteps t_d in [disc_t_min, disc_t_max] and x0 noised to them."""
+    t_d = torch.randint(cfg.disc_t_min, cfg.disc_t_max + 1, (len(x0),), generator=gen).to(x0.device)
+    return t_d, schedule.add_noise(x0, torch.randn(x0.shape, generator=gen).to(x0.device), t_d)
+
+
+def discriminator_step(m: Models, real: Tensor, fake_t: Tensor, t_d: Tensor, cond: Tensor, schedule,
+                       gen: torch.Generator, accelerator) -> float:  # fmt: skip
+    """One hinge-loss update of the discriminator: real latents against the (detached) noised
+    student x0, both at the same t_d; returns the loss."""
+    real_t = schedule.add_noise(real, torch.randn(real.shape, generator=gen).to(real.device), t_d)
+    logits = m.disc(torch.cat([real_t, fake_t.detach()]), torch.cat([t_d, t_d]), torch.cat([cond, cond]))
+    loss_d = hinge_d_loss(*logits.chunk(2)).mean()
+    m.opt_d.zero_grad(set_to_none=True)
+    accelerator.backward(loss_d)
+    m.opt_d.step()
+    return loss_d.item()
+
+
 def distill_step(
-    m: Models, prompts: list[str], images: np.ndarray | None, cfg: DistillConfig, gen: torch.Generator, accelerator
+    m: Models,
+    prompts: list[str],
+    images: np.ndarray | None,
+    cfg: DistillConfig,
+    gen: torch.Generator,
+    accelerator,
+    train_student: bool = True,
 ) -> dict[str, float]:
-    """One Imagine Flash step on a batch of prompts (and real images when available)."""
+    """One Imagine Flash step on a batch of prompts (and real images when available); with
+    `train_student` False (the discriminator's warm-up) only the discriminator learns."""
     pipe, schedule = m.pipe, m.pipe.schedule  # the teacher's: noising and the SRL target
     student = accelerator.unwrap_model(m.student)
     b, n, dev = len(prompts), len(cfg.timesteps), pipe.device
@@ -193,6 +228,11 @@ def distill_step(
                               cfg.noise_correction)  # fmt: skip
         else:
             x_t = schedule.add_noise(real, x_T, t)
+    if not train_student:  # discriminator warm-up: the student's x0 at t, held still
+        with torch.no_grad():
+            out = student(x_t, t, encoder_hidden_states=cond, return_dict=False)[0]
+        t_d, fake_t = noised_for_disc(m.student_schedule.split(out, x_t, t)[0], cfg, schedule, gen)
+        return {"d": discriminator_step(m, real, fake_t, t_d, cond, schedule, gen, accelerator)}
     # 3. the student's x0 prediction at t, with grad
     out = m.student(x_t, t, encoder_hidden_states=cond, return_dict=False)[0]
     x0, _ = m.student_schedule.split(out, x_t, t)
@@ -216,8 +256,7 @@ def distill_step(
     # 5. adversarial loss: noised real latents vs noised student x0
     if m.disc is not None:
         disc = accelerator.unwrap_model(m.disc)
-        t_d = torch.randint(cfg.disc_t_min, cfg.disc_t_max + 1, (b,), generator=gen).to(dev)
-        fake_t = schedule.add_noise(x0, torch.randn(x0.shape, generator=gen).to(dev), t_d)
+        t_d, fake_t = noised_for_disc(x0, cfg, schedule, gen)
         loss_g = hinge_g_loss(disc(fake_t, t_d, cond)).mean()
         loss = loss + cfg.adv_weight * loss_g
         logs["g"] = loss_g.item()
@@ -227,13 +266,7 @@ def distill_step(
         accelerator.clip_grad_norm_(m.student.parameters(), cfg.grad_clip)
     m.opt.step()
     if m.disc is not None:
-        real_t = schedule.add_noise(real, torch.randn(real.shape, generator=gen).to(dev), t_d)
-        logits = m.disc(torch.cat([real_t, fake_t.detach()]), torch.cat([t_d, t_d]), torch.cat([cond, cond]))
-        loss_d = hinge_d_loss(*logits.chunk(2)).mean()
-        m.opt_d.zero_grad(set_to_none=True)
-        accelerator.backward(loss_d)
-        m.opt_d.step()
-        logs["d"] = loss_d.item()
+        logs["d"] = discriminator_step(m, real, fake_t, t_d, cond, schedule, gen, accelerator)
     # 6. EMA of the student weights
     m.ema.update(student)
     return logs
@@ -345,7 +378,9 @@ def distill(cfg: DistillConfig, progress: bool = True) -> Path:
                disable=not (progress and main), dynamic_ncols=True)
     for step in bar:
         prompts, images = next(stream)
-        logs = distill_step(m, prompts, images, cfg, gen, accelerator)
+        for group in m.opt.param_groups:
+            group["lr"] = student_lr(cfg, step)
+        logs = distill_step(m, prompts, images, cfg, gen, accelerator, train_student=step >= cfg.disc_warmup_steps)
         bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items()})
         done = step + 1
         if main and done % cfg.log_every == 0:

@@ -84,7 +84,7 @@ def _cfg(family, tmp_path, **kw):
     return DistillConfig(**{**base, **kw})
 
 
-def _run_step(family, tmp_path, monkeypatch, **kw):
+def _run_step(family, tmp_path, monkeypatch, train_student=True, **kw):
     from accelerate import Accelerator
 
     cfg = _cfg(family, tmp_path, **kw)
@@ -97,7 +97,10 @@ def _run_step(family, tmp_path, monkeypatch, **kw):
     teacher_before = [p.detach().clone() for p in m.teacher.unet.parameters()]
     stream = trainer.make_stream(cfg, m.pipe.image_size, 0)
     prompts, images = next(stream)
-    logs = trainer.distill_step(m, prompts, images, cfg, torch.Generator().manual_seed(0), acc)
+    disc_before = [p.detach().clone() for p in m.disc.parameters()] if m.disc is not None else []
+    logs = trainer.distill_step(m, prompts, images, cfg, torch.Generator().manual_seed(0), acc, train_student)
+    if disc_before:
+        logs["disc_changed"] = any(not torch.equal(a, p) for a, p in zip(disc_before, m.disc.parameters(), strict=True))
     changed = any(not torch.equal(a, p) for a, p in zip(before, m.student.parameters(), strict=True))
     teacher_same = all(torch.equal(a, p) for a, p in zip(teacher_before, m.teacher.unet.parameters(), strict=True))
     return logs, calls, changed, teacher_same
@@ -105,9 +108,35 @@ def _run_step(family, tmp_path, monkeypatch, **kw):
 
 def test_distill_step_backward_trains_the_student_only(family, tmp_path, monkeypatch):
     logs, calls, changed, teacher_same = _run_step(family, tmp_path, monkeypatch)
+    assert logs.pop("disc_changed")
     assert set(logs) == {"rec", "g", "d"} and all(torch.isfinite(torch.tensor(v)) for v in logs.values())
     assert len(calls) == 1 and calls[0].shape == (2,)  # per-item number of backward steps
     assert changed and teacher_same
+
+
+def test_discriminator_warmup_step_trains_the_discriminator_on_the_students_own_trajectory(
+    family, tmp_path, monkeypatch
+):
+    logs, calls, changed, teacher_same = _run_step(family, tmp_path, monkeypatch, train_student=False, adv_weight=0.5)
+    assert logs.pop("disc_changed") and set(logs) == {"d"} and torch.isfinite(torch.tensor(logs["d"]))
+    assert len(calls) == 1  # fakes come from the student's backward trajectory, as in a full step
+    assert not changed and teacher_same  # the student is held still
+
+
+def test_student_lr_holds_still_while_the_discriminator_warms_up_then_rises():
+    cfg = DistillConfig(lr=1e-4, disc_warmup_steps=2, lr_warmup_steps=4)
+    assert [trainer.student_lr(cfg, s) for s in range(8)] == pytest.approx(
+        [0, 0, 2.5e-5, 5e-5, 7.5e-5, 1e-4, 1e-4, 1e-4])
+    assert trainer.student_lr(DistillConfig(lr=1e-4), 0) == 1e-4  # no warm-up: the paper's constant rate
+
+
+def test_distill_loop_warms_up_the_discriminator_then_the_students_lr(family, tmp_path):
+    cfg = _cfg(family, tmp_path, max_steps=3, adv_weight=0.5, disc_warmup_steps=1, lr_warmup_steps=4, log_every=1)
+    trainer.distill(cfg, progress=False)
+    logged = [json.loads(line) for line in (tmp_path / "run" / "loss.jsonl").read_text().splitlines()]
+    assert [sorted(x) for x in logged] == [["d", "step", "time"]] + [["d", "g", "rec", "step", "time"]] * 2
+    groups = json.loads((tmp_path / "run" / "ckpt" / "state.json").read_text())["optimizers"]
+    assert groups["opt"]["param_groups"][0]["lr"] == pytest.approx(1e-3 * 2 / 4)  # the third step's rate
 
 
 def test_real_latents_are_contiguous(family, tmp_path):
@@ -300,6 +329,8 @@ def test_student_init_must_fit_the_teacher(family, tmp_path):
         (dict(prediction_type="flow"), "v_prediction"),
         (dict(data_workers=-1), "data_workers"),
         (dict(pixel_edge_weight=-1.0), "pixel_edge_weight"),
+        (dict(lr_warmup_steps=-1), "lr_warmup_steps"),
+        (dict(disc_warmup_steps=10, adv_weight=0.0), "needs the discriminator"),
     ],
 )
 def test_bad_config(kw, match):
