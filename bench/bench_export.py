@@ -233,9 +233,12 @@ def bench_gpu(family, args) -> list[dict]:
         return []
     from flash.pipeline import TextToImage
 
-    schedule = TextToImage(family.teacher).schedule
     steps = args.steps if args.steps in family.students else max(family.students)
-    ts = family.students[steps].card.timesteps
+    card = family.students[steps].card
+    ts, t2i = card.timesteps, TextToImage(family.teacher)
+    # the family student in its own parameterisation (an x0 1-step student is not read as eps);
+    # the random SD 1.5 U-Net, as its eps-prediction teacher would be
+    schedules = {"family": t2i.student_schedule(card.prediction_type), "sd15": t2i.schedule}
     makers = {"family": ("family student", lambda: family_gpu(family, steps, "cuda")),
               "sd15": ("SD 1.5 U-Net (random)", lambda: sd15_random("cuda"))}  # fmt: skip
     print(f"\nGPU: {torch.cuda.get_device_name(0)}, torch {torch.__version__}, fp16; medians of {args.repeats}")
@@ -256,7 +259,7 @@ def bench_gpu(family, args) -> list[dict]:
         for mode in args.compile_modes:
             models[f"compile:{mode}"] = unet_call(unet, mode)
         for b in args.gpu_batch:
-            row = gpu_row(label, models, encode, decode, latent, schedule, ts, b, args)
+            row = gpu_row(label, models, encode, decode, latent, schedules[key], ts, b, args)
             results.append(row)
             if args.json:  # kept up to date: a run cut short still leaves its figures
                 Path(args.json).with_suffix(".gpu.json").write_text(json.dumps(results, indent=1))

@@ -211,14 +211,8 @@ def test_cli_refuses_unknown_decoder_config_keys(family, tmp_path, capsys):
     assert "unknown decoder config keys ['chanels']" in capsys.readouterr().err
 
 
-def test_decoder_quality_bench_runs_on_a_tiny_family():
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "bench" / "decoder_quality.py"
-    spec = importlib.util.spec_from_file_location("decoder_quality_bench", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    out = bench.main(["--tiny", "--n", "2", "--repeats", "1"])
+def test_decoder_quality_bench_runs_on_a_tiny_family(load_bench):
+    out = load_bench("decoder_quality").main(["--tiny", "--n", "2", "--repeats", "1"])
     assert set(out["quality"]) == {"teacher, 25 steps, CFG", "3-step student", "2-step student", "1-step student"}
     # a random fast decoder is nowhere near the full one: the bench must say so
     assert all(r["psnr_db"] < 20 for r in out["quality"].values())

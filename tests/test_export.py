@@ -320,3 +320,17 @@ def test_an_x0_student_exports_and_runs_in_its_own_parameterisation(tmp_path):
     b = onnxruntime_backends(family, settings()).students[1]
     lat = run_student(b.denoise, t2i.noise(seeds), b.encode(prompts), t2i.student_schedule("sample"), [999])
     assert np.abs(b.decode(lat).astype(int) - as_x0.astype(int)).max() <= 2
+
+
+def test_bench_export_times_torch_against_onnxruntime_on_the_tiny_export(exported, load_bench, tmp_path, capsys):
+    fam, onnx_dir, _ = exported
+    out = tmp_path / "bench.json"
+    argv = ["--model", str(fam), "--onnx-dir", str(onnx_dir), "--cpu-only", "--batch", "1", "2", "--repeats", "1",
+            "--warmup", "0", "--threads", "1", "--json", str(out)]  # fmt: skip
+    assert load_bench("bench_export").main(argv) == 0
+    rows = json.loads(out.read_text())["cpu"]
+    assert [(r["batch"], r["steps"]) for r in rows] == [(1, 3), (2, 3)]
+    assert all(r[k] > 0 for r in rows for k in ("unet_torch_s", "unet_ort_s", "e2e_torch_s", "e2e_ort_s"))
+    printed = capsys.readouterr().out
+    assert "| 2 | end to end, 3 steps |" in printed and "ORT speed-up" in printed
+    assert "exported" not in printed  # the given export is used, not a temporary one

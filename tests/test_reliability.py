@@ -8,7 +8,6 @@ test_service_ops.py."""
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import math
 import os
@@ -253,18 +252,10 @@ def test_odd_but_valid_prompts_generate(server):
 # -- the load test script, briefly -------------------------------------------------------------
 
 
-def load_test_module():
-    if "flash_load_test" not in sys.modules:  # bench/ is a folder of scripts, not a package
-        spec = importlib.util.spec_from_file_location("flash_load_test", ROOT / "bench" / "load_test.py")
-        module = sys.modules["flash_load_test"] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    return sys.modules["flash_load_test"]
-
-
-def test_the_load_test_runs_briefly_and_refuses_other_hosts(server, tmp_path):
+def test_the_load_test_runs_briefly_and_refuses_other_hosts(server, tmp_path, load_bench):
     """Two seconds, eight clients: the full figures come from `bench/load_test.py` itself."""
     url, _ = server
-    lt = load_test_module()
+    lt = load_bench("load_test")
     out = tmp_path / "report.json"
     argv = ["--url", url, "--pid", str(os.getpid()), "--clients", "8", "--duration", "2"]
     assert lt.main([*argv, "--mix", "flash-1step=1,flash-3step=1,teacher:2=1", "--json", str(out)]) == 0

@@ -8,10 +8,8 @@ import json
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import openai
@@ -210,19 +208,7 @@ def test_models_load_on_a_thread_that_exits(family):
     assert thread.name == "flash-loader" and thread is not threading.main_thread() and not thread.is_alive()
 
 
-def load_bench(name: str):
-    """A script of bench/ (a folder of scripts, not a package) as a module."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"{name}_bench", path)
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench  # dataclasses look their module up there
-    spec.loader.exec_module(bench)
-    return bench
-
-
-def test_service_timeline_bench_marks_every_stage_of_a_request(tmp_path):
+def test_service_timeline_bench_marks_every_stage_of_a_request(load_bench, tmp_path):
     """bench/service_timeline.py: the service in its own process with time marks, one client."""
     fam = write_tiny_family(tmp_path / "fam")
     bench = load_bench("service_timeline")
@@ -235,7 +221,7 @@ def test_service_timeline_bench_marks_every_stage_of_a_request(tmp_path):
     assert 0 < out["generation_ms"] < out["total_ms"]  # the marks bracket the generation, the client the whole
 
 
-def test_bench_service_takes_its_compared_latencies_in_turns(monkeypatch):
+def test_bench_service_takes_its_compared_latencies_in_turns(load_bench, monkeypatch):
     """The p50 ratio's two sides alternate request by request (and which goes first), so a
     machine that slows down for a minute slows both; so do the teacher's and the student's."""
     bench = load_bench("bench_service")
@@ -275,7 +261,7 @@ def recording_senders(sent: list):
     return senders
 
 
-def test_bench_service_times_the_teacher_under_load_with_teacher_requests(monkeypatch):
+def test_bench_service_times_the_teacher_under_load_with_teacher_requests(load_bench, monkeypatch):
     """http_throughput sends the bodies it is given from every client (the teacher's warm-up window)."""
     bench, sent = load_bench("bench_service"), []
     monkeypatch.setitem(bench.CLIENTS, "fake", recording_senders(sent))
@@ -283,7 +269,7 @@ def test_bench_service_times_the_teacher_under_load_with_teacher_requests(monkey
     assert sorted(sent) == [("teacher", 25, i) for i in range(6)] and rate > 0
 
 
-def test_bench_service_takes_the_teacher_and_student_windows_under_load_in_turns(monkeypatch):
+def test_bench_service_takes_the_teacher_and_student_windows_under_load_in_turns(load_bench, monkeypatch):
     """Row 5's two sides: a window of teacher requests and one of 3-step requests, in turns."""
     bench, sent = load_bench("bench_service"), []
     monkeypatch.setitem(bench.CLIENTS, "fake", recording_senders(sent))
@@ -293,7 +279,7 @@ def test_bench_service_takes_the_teacher_and_student_windows_under_load_in_turns
     assert teacher > 0 and student > 0
 
 
-def test_bench_service_takes_the_throughput_ratio_in_turns(monkeypatch):
+def test_bench_service_takes_the_throughput_ratio_in_turns(load_bench, monkeypatch):
     """The throughput ratio alternates a window of concurrent requests with the same number of
     in-process images at the clients' batch size, round by round (which goes first alternates)."""
     bench = load_bench("bench_service")
@@ -314,7 +300,7 @@ def test_bench_service_takes_the_throughput_ratio_in_turns(monkeypatch):
     assert http > 0 and local > 0
 
 
-def test_bench_service_prints_the_six_ratios_on_a_tiny_family(tmp_path):
+def test_bench_service_prints_the_six_ratios_on_a_tiny_family(load_bench, tmp_path):
     bench = load_bench("bench_service")
     out = bench.main(["--tiny", "--requests", "4", "--concurrency", "2", "--teacher-requests", "1",
                       "--teacher-load-requests", "2", "--throughput-rounds", "2", "--client", "raw",
