@@ -228,14 +228,13 @@ def distill_step(
                               cfg.noise_correction)  # fmt: skip
         else:
             x_t = schedule.add_noise(real, x_T, t)
-    if not train_student:  # discriminator warm-up: the student's x0 at t, held still
-        with torch.no_grad():
-            out = student(x_t, t, encoder_hidden_states=cond, return_dict=False)[0]
-        t_d, fake_t = noised_for_disc(m.student_schedule.split(out, x_t, t)[0], cfg, schedule, gen)
-        return {"d": discriminator_step(m, real, fake_t, t_d, cond, schedule, gen, accelerator)}
-    # 3. the student's x0 prediction at t, with grad
-    out = m.student(x_t, t, encoder_hidden_states=cond, return_dict=False)[0]
+    # 3. the student's x0 prediction at t, with grad (held still while the discriminator warms up)
+    with torch.set_grad_enabled(train_student):
+        out = m.student(x_t, t, encoder_hidden_states=cond, return_dict=False)[0]
     x0, _ = m.student_schedule.split(out, x_t, t)
+    if not train_student:
+        t_d, fake_t = noised_for_disc(x0, cfg, schedule, gen)
+        return {"d": discriminator_step(m, real, fake_t, t_d, cond, schedule, gen, accelerator)}
     # 4. shifted reconstruction loss (eq. 8); srl=False: identity gamma
     gamma = shifted_timestep(t, cfg.gamma) if cfg.srl else t
     noise = torch.randn(x0.shape, generator=gen).to(dev)  # drawn either way: the same stream for both
