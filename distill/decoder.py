@@ -57,6 +57,10 @@ class DecoderConfig:
     edge_weight: float = 0.0
     steps: int = 4000
     minutes: float = 0.0  # > 0: also stop after this many minutes of training
+    # an AutoencoderTiny folder (e.g. the family's vae_tiny/) whose weights start a fresh run
+    # instead of random ones; its architecture must be this config's. A checkpoint in `out`
+    # takes precedence (resuming), and the pool is always made from `family`'s current students
+    init: str = ""
     checkpoint_every: int = 250
 
     def __post_init__(self) -> None:
@@ -163,6 +167,23 @@ def encoder_loss(tiny, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return (tiny.encoder(x) * sf - z).pow(2).mean(dim=(1, 2, 3))
 
 
+def init_weights(tiny, folder: Path) -> None:
+    """Copy an AutoencoderTiny folder's weights into `tiny`: same architecture, or a clear error."""
+    from diffusers import AutoencoderTiny
+
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"init: no AutoencoderTiny config in {folder}")
+    src = AutoencoderTiny.from_pretrained(folder)
+    mine, theirs = tiny.state_dict(), src.state_dict()
+    shapes = lambda sd: {k: tuple(v.shape) for k, v in sd.items()}  # noqa: E731
+    same = shapes(mine) == shapes(theirs) and all(
+        src.config[k] == tiny.config[k] for k in ("scaling_factor", "upsample_fn")
+    )
+    if not same:
+        raise ValueError(f"init: {folder} is not this config's architecture (channels, blocks, upsample, latent_scale)")
+    tiny.load_state_dict(theirs)
+
+
 def train_tiny_vae(cfg: DecoderConfig) -> Path:
     """Train (resumably) and write `out/vae_tiny`; returns that folder."""
     from diffusers import AutoencoderKL
@@ -192,7 +213,12 @@ def train_tiny_vae(cfg: DecoderConfig) -> Path:
     held, train_idx = order[: cfg.holdout], order[cfg.holdout :]
     opt = torch.optim.Adam(tiny.parameters(), lr=cfg.lr)
     ckpt = out / "ckpt"
-    step = load_checkpoint(ckpt, {"tiny": tiny}, {"opt": opt})[0] if ckpt.is_dir() else 0
+    if ckpt.is_dir():
+        step = load_checkpoint(ckpt, {"tiny": tiny}, {"opt": opt})[0]
+    else:
+        step = 0
+        if cfg.init:
+            init_weights(tiny, Path(cfg.init))
     resumed_from, start = step, time.monotonic()
     bar = tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, desc="tiny decoder", dynamic_ncols=True)
     rng = torch.Generator().manual_seed(cfg.seed + step)
@@ -224,6 +250,8 @@ def train_tiny_vae(cfg: DecoderConfig) -> Path:
         zh, yh = pool["latents"][held], pool["images"][held]
         psnr_db = round(psnr(tiny.decoder(zh / tiny.config.scaling_factor), yh), 2)
         report = {"steps": done, "resumed_from": resumed_from, "holdout": len(held), "psnr_vs_full_decoder_db": psnr_db}
+        if cfg.init:
+            report["init"] = cfg.init
         src = held[held < n_src]
         report["encoder_mse_vs_full_encoder_means"] = round(
             encoder_loss(tiny, pool["renders"][src], pool["render_means"][src]).mean().item(), 5

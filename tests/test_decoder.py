@@ -70,6 +70,31 @@ def test_training_resumes_from_its_checkpoint(family, tmp_path):
     assert (report["resumed_from"], report["steps"]) == (25, 40)
 
 
+def test_a_run_can_start_from_a_shipped_decoder_and_refuses_another_architecture(family, tmp_path):
+    from safetensors.torch import load_file
+
+    import shutil
+
+    trained = train_tiny_vae(small_config(family, tmp_path / "a", steps=30))
+    for run in "bcde":  # the same pool: making it is most of a tiny run's time
+        (tmp_path / run).mkdir()
+        shutil.copy(tmp_path / "a" / "pool.safetensors", tmp_path / run)
+    # no steps: the written decoder is the init's weights, exactly (so the init was loaded)
+    folder = train_tiny_vae(small_config(family, tmp_path / "b", steps=0, init=str(trained)))
+    a = load_file(trained / "diffusion_pytorch_model.safetensors")
+    b = load_file(folder / "diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((folder / "train.json").read_text())["init"] == str(trained)
+    # a random start differs from it: the check above is not vacuous
+    fresh = train_tiny_vae(small_config(family, tmp_path / "c", steps=0))
+    c = load_file(fresh / "diffusion_pytorch_model.safetensors")
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+    with pytest.raises(ValueError, match="architecture"):
+        train_tiny_vae(small_config(family, tmp_path / "d", steps=0, channels=4, init=str(trained)))
+    with pytest.raises(FileNotFoundError, match="init"):
+        train_tiny_vae(small_config(family, tmp_path / "e", steps=0, init=str(tmp_path / "missing")))
+
+
 def test_load_family_with_the_tiny_decoder(family, tmp_path):
     with pytest.raises(ModelError, match="vae_tiny"):
         load_family(family, decoder="tiny")
