@@ -39,6 +39,7 @@ class Catalog:
     image_size: int
     version: str
     backend: str
+    decoder: str = "full"  # the VAE decoder the images go through: full, or the fast one (tiny)
 
     @property
     def size(self) -> str:
@@ -79,7 +80,7 @@ class Catalog:
         return spec.name, steps
 
 
-def build_catalog(family, image_size: int, max_teacher_steps: int, backend: str) -> Catalog:
+def build_catalog(family, image_size: int, max_teacher_steps: int, backend: str, decoder: str = "full") -> Catalog:
     """The names a loaded `flash.models.Family` serves."""
     version = family.card.version
     models = {
@@ -91,4 +92,4 @@ def build_catalog(family, image_size: int, max_teacher_steps: int, backend: str)
     models[TEACHER] = ModelSpec(
         TEACHER, "teacher", teacher_steps, default, version, family.card.guidance_scale
     )
-    return Catalog(models, image_size, version, backend)
+    return Catalog(models, image_size, version, backend, decoder)

@@ -17,10 +17,11 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from flash.models import Decoder
+from flash.models import TINY_VAE, Decoder
 from flash.pipeline import CompileMode
 
 DEVICE_PATTERN = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
+FULL_DECODER_ONLY = ("tensorrt",)  # backends without the fast decoder: the engines carry the full one only
 
 
 class Settings(BaseSettings):
@@ -111,11 +112,12 @@ class Settings(BaseSettings):
         description="torch.compile mode for the torch backend's U-Nets (reduce-overhead adds CUDA graphs); "
         "batches are padded to power-of-two buckets so each compiles once, during warm-up.",
     )
-    decoder: Decoder = Field(
-        "full",
-        description="full: the family's VAE decoder; tiny: its fast decoder (vae_tiny/, made by "
-        "`flash distill-decoder`; a few ms cheaper per image, its quality in docs/results.md). "
-        "torch and onnxruntime backends (onnxruntime: an export made while the family had vae_tiny/).",
+    decoder: Literal["auto", "full", "tiny"] = Field(
+        "auto",
+        description="auto: the family's fast decoder where it ships one (vae_tiny/) and the backend runs it "
+        "(torch, onnxruntime), else its full VAE decoder; full: the family's VAE decoder; tiny: its fast decoder (made by "
+        "`flash distill-decoder`; a few ms cheaper per image, its quality in docs/results.md; onnxruntime: an "
+        "export made while the family had vae_tiny/).",
     )
     warmup: bool = Field(True, description="Run every model once before reporting ready.")
     log_level: str = Field("info", description="uvicorn log level: critical, error, warning, info, debug.")
@@ -153,9 +155,17 @@ class Settings(BaseSettings):
             raise ValueError(f"unknown backend {v!r}; allowed: {', '.join(sorted(BACKENDS))}")
         return v
 
+    def served_decoder(self, model_dir: str | Path) -> Decoder:
+        """The decoder a family folder is served with: the setting, or for auto the fast one where
+        the family ships it and the backend runs it (re-read on every load: a reload may bring one)."""
+        if self.decoder != "auto":
+            return self.decoder
+        ships_tiny = (Path(model_dir) / TINY_VAE).is_dir()
+        return "tiny" if ships_tiny and self.backend not in FULL_DECODER_ONLY else "full"
+
     @model_validator(mode="after")
     def _tiny_decoder_not_on_tensorrt(self) -> Settings:
-        if self.decoder == "tiny" and self.backend == "tensorrt":
+        if self.decoder == "tiny" and self.backend in FULL_DECODER_ONLY:
             raise ValueError(
                 "decoder=tiny runs on the torch and onnxruntime backends (the tensorrt engines have the full "
                 "decoder only); use backend=torch, backend=onnxruntime or decoder=full"

@@ -50,8 +50,9 @@ POLL_S = 0.05  # how often an idle device thread looks at its control queue and 
 
 def load_model_set(settings: Settings, model_dir: Path) -> ModelSet:
     """Read a family folder and build its backends (runs off the device thread)."""
-    family = load_family(model_dir, decoder=settings.decoder)
-    backends = make_backend(settings.backend, family, settings)
+    decoder = settings.served_decoder(model_dir)
+    family = load_family(model_dir, decoder=decoder)
+    backends = make_backend(settings.backend, family, settings.model_copy(update={"decoder": decoder}))
     geometry = TextToImage(family.teacher, backends.device)
     alphas = NoiseSchedule.from_config(family.teacher.scheduler_config).alphas_cumprod
     students = {
@@ -68,7 +69,7 @@ def load_model_set(settings: Settings, model_dir: Path) -> ModelSet:
         name=family.card.name,
         version=family.card.version,
         model_dir=str(model_dir),
-        catalog=build_catalog(family, geometry.image_size, settings.max_teacher_steps, backends.name),
+        catalog=build_catalog(family, geometry.image_size, settings.max_teacher_steps, backends.name, decoder),
         device=backends.device,
         latent_shape=geometry.latent_shape,
         teacher=backends.teacher,
@@ -253,7 +254,7 @@ class Engine:
     def _swap(self, models: ModelSet) -> None:
         self.models = models  # one reference: the device thread picks it up at its next iteration
         self.metrics.set_model(
-            models.version, models.catalog.backend, models.name, models.model_dir, self.settings.decoder
+            models.version, models.catalog.backend, models.name, models.model_dir, models.catalog.decoder
         )
         self.load_error, self.ready = None, True
 

@@ -180,7 +180,7 @@ def model_list(cat: Catalog) -> ModelList:
         )
         for s in specs
     ]
-    return ModelList(data=cards, version=cat.version, backend=cat.backend)
+    return ModelList(data=cards, version=cat.version, backend=cat.backend, decoder=cat.decoder)
 
 
 def encode_png(image: np.ndarray, compress_level: int = 1) -> bytes:

@@ -171,6 +171,9 @@ class ModelList(BaseModel):
     data: list[ModelCard]
     version: str
     backend: str
+    decoder: Literal["full", "tiny"] = Field(
+        "full", description="The VAE decoder every image goes through: the family's full one, or its fast one."
+    )
 
 
 class ReloadRequest(BaseModel):

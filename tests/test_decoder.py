@@ -71,9 +71,9 @@ def test_training_resumes_from_its_checkpoint(family, tmp_path):
 
 
 def test_a_run_can_start_from_a_shipped_decoder_and_refuses_another_architecture(family, tmp_path):
-    from safetensors.torch import load_file
-
     import shutil
+
+    from safetensors.torch import load_file
 
     trained = train_tiny_vae(small_config(family, tmp_path / "a", steps=30))
     for run in "bcde":  # the same pool: making it is most of a tiny run's time
@@ -142,6 +142,23 @@ def test_service_setting_refuses_the_tiny_decoder_on_tensorrt():
         Settings(decoder="tiny", backend="tensorrt")
 
 
+def test_service_decoder_auto_takes_the_fast_decoder_where_the_family_ships_it(family, tmp_path):
+    import shutil
+
+    from service.config import Settings
+
+    fam = tmp_path / "fam"
+    shutil.copytree(family, fam)
+    write_tiny_decoder(fam)
+    assert Settings().decoder == "auto"  # the default (docs/results.md, the fast decoder's rule 3)
+    assert Settings().served_decoder(fam) == "tiny"
+    assert Settings(backend="onnxruntime").served_decoder(fam) == "tiny"
+    assert Settings().served_decoder(family) == "full"  # no vae_tiny/: a stock diffusers folder, say
+    assert Settings(backend="tensorrt").served_decoder(fam) == "full"  # its engines carry the full one only
+    assert Settings(decoder="full").served_decoder(fam) == "full"
+    assert Settings(decoder="tiny").served_decoder(family) == "tiny"  # asked for: loading says it is missing
+
+
 def test_onnx_export_carries_the_tiny_decoder_and_the_backend_serves_it(family, tmp_path):
     """A family with vae_tiny/: the export adds vae_decoder_tiny.onnx (parity-checked, its folder
     hashed); the onnxruntime backend decodes with it when decoder=tiny, like the torch fast
@@ -178,7 +195,7 @@ def test_onnx_export_carries_the_tiny_decoder_and_the_backend_serves_it(family, 
         onnxruntime_backends(load_family(fam, decoder="tiny"), SimpleNamespace(**vars(settings), onnx_dir=tmp_path / "before"))
 
 
-def test_service_serves_images_through_the_tiny_decoder(family, tmp_path):
+def test_service_serves_images_through_the_tiny_decoder_by_default_where_the_family_has_one(family, tmp_path):
     import base64
     import io
     import shutil
@@ -195,8 +212,9 @@ def test_service_serves_images_through_the_tiny_decoder(family, tmp_path):
     t2i = TextToImage(load_components(fam, decoder="tiny"))
     s = load_family(fam).students[2]
     expected = t2i.decode(t2i.student_latents(s.unet, ["a blue square"], [5], s.card.timesteps))[0]
-    settings = Settings(model_dir=fam, decoder="tiny", max_batch_size=4, log_level="warning")
+    settings = Settings(model_dir=fam, max_batch_size=4, log_level="warning")  # decoder auto: the fast one
     with serve_in_thread(settings) as (url, _):
+        assert httpx.get(f"{url}/v1/models").json()["decoder"] == "tiny"
         r = httpx.post(f"{url}/v1/images/generations", timeout=60,
                        json={"prompt": "a blue square", "model": "flash-2step", "seed": 5, "steps": 2})
         assert r.status_code == 200, r.text

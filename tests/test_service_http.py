@@ -103,6 +103,7 @@ def test_models_lists_students_teacher_steps_and_size(server):
     cards = {m["id"]: m for m in body["data"]}
     assert set(cards) == {"flash", "flash-1step", "flash-2step", "flash-3step", "teacher"}
     assert body["version"] == "tiny-0" and body["backend"] == "torch"
+    assert body["decoder"] == "full"  # the tiny family ships no fast decoder
     assert cards["flash-2step"]["steps"] == [2] and cards["flash"]["steps"] == [1, 2, 3]
     assert cards["flash"]["default_steps"] == 3
     assert cards["teacher"]["steps"] is None and cards["teacher"]["max_steps"] == 100
