@@ -9,7 +9,10 @@
 2. distil    one student per --config, in order (distill.trainer.distill, teacher = the staged
              folder), published into the staged family; a `student_init` inside the config's
              teacher (the 2- and 1-step configs start from its 3-step student) is read from the
-             staged family, so list the 3-step config first; --student folders are added as they are
+             staged family, so list the 3-step config first; --student folders are added as they are.
+             Where the family ships a fast decoder (vae_tiny/, which the service serves by default)
+             and its students changed, the decoder is re-fitted on the new students' latents
+             (distill.decoder.refit_config; --decoder-config, or --no-refit-decoder to keep it as is)
 3. evaluate  the project's evaluator (flash.eval.run, the rows of `flash eval`) on --n prompts
 4. gate      the same rows of the current version (its recorded figures when they were made with
              the same n, else evaluated again) against the candidate's: any gated figure worse by
@@ -64,13 +67,15 @@ class RetrainConfig:
     export: str = "none"
     work: Path | None = None  # distillation runs; default runs/retrain/<family>-<version>
     keep_staging: bool = False
+    refit_decoder: bool = True  # re-fit the family's fast decoder (if any) when its students change
+    decoder_config: Path | None = None  # the re-fit's DecoderConfig JSON; None: distill.decoder.REFIT
 
     def __post_init__(self) -> None:
         if self.export not in EXPORTS:
             raise ValueError(f"unknown export {self.export!r}; allowed: {', '.join(EXPORTS)}")
         if self.n < 1 or self.batch < 1:
             raise ValueError(f"n and batch must be >= 1, got n={self.n}, batch={self.batch}")
-        for path in [*self.configs, *self.students]:
+        for path in [*self.configs, *self.students, *([self.decoder_config] if self.decoder_config else [])]:
             if not Path(path).exists():
                 raise ValueError(f"{path} does not exist")
         self.version = st.check_version_name(self.version or time.strftime("%Y%m%d-%H%M%S", time.gmtime()))
@@ -125,6 +130,18 @@ def add_student(folder: Path, family_dir: Path) -> Path:
             f"this teacher's U-Net is {have[:12]}...)"
         )
     return publish_student(folder, family_dir)
+
+
+def refit_decoder(family_dir: Path, work: Path, config: Path | None) -> dict:
+    """Re-fit the staged family's fast decoder on its (new) students' latents, in place; returns
+    the run's report (held-out PSNR against the full decoder)."""
+    from distill.decoder import refit_config, train_tiny_vae
+    from flash.models import TINY_VAE, publish_tiny_vae
+
+    folder = train_tiny_vae(refit_config(family_dir, family_dir / TINY_VAE, work / "decoder", config))
+    report = json.loads((folder / "train.json").read_text())
+    publish_tiny_vae(folder, family_dir)
+    return report
 
 
 def evaluate(family_dir: Path, n: int, batch: int, keys: list[str]) -> dict:
@@ -192,6 +209,8 @@ def export(family_dir: Path, kind: str) -> None:
 
 def retrain(cfg: RetrainConfig) -> Path:
     """Run the steps; returns the published version folder. Raises GateRefused or RetrainError."""
+    from flash.models import TINY_VAE
+
     root = st.family_root(cfg.store, cfg.family)
     if (root / cfg.version).exists():
         raise RetrainError(f"version {cfg.version} already exists in {root}; pick another --version")
@@ -218,6 +237,14 @@ def retrain(cfg: RetrainConfig) -> Path:
         for student in cfg.students:
             folder = name_student(add_student(Path(student), staging), cfg.version)
             print(f"      added {student} -> {short(folder)}", flush=True)
+        if (staging / TINY_VAE).is_dir() and (cfg.configs or cfg.students):
+            if cfg.refit_decoder:
+                print("      re-fitting the fast decoder (vae_tiny/) on the new students' latents", flush=True)
+                report = refit_decoder(staging, cfg.work, cfg.decoder_config)
+                print(f"      fast decoder: {report['steps']} steps, held-out PSNR against the full decoder "
+                      f"{report['psnr_vs_full_decoder_db']} dB", flush=True)  # fmt: skip
+            else:
+                print("      fast decoder kept as it is (--no-refit-decoder)", flush=True)
 
         say(3, total, f"evaluating the candidate (n={cfg.n})")
         candidate = evaluate(staging, cfg.n, cfg.batch, cfg.rows)
@@ -296,6 +323,14 @@ def main(argv: list[str] | None = None) -> int:
         "--work", default=None, help="distillation run folder (default runs/retrain/FAMILY-VERSION)"
     )
     p.add_argument("--keep-staging", action="store_true", help="keep the staged folder when a step fails")
+    p.add_argument(
+        "--decoder-config", default=None,
+        help="DecoderConfig JSON for re-fitting the fast decoder (default: distill.decoder.REFIT)",
+    )  # fmt: skip
+    p.add_argument(
+        "--no-refit-decoder", action="store_true",
+        help="keep the family's fast decoder as it is when its students change",
+    )  # fmt: skip
     a = p.parse_args(argv)
     try:
         margin = st.load_margin(a.gate) if a.margin is None else _parse_margin(a.margin)
@@ -304,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
             configs=[Path(c) for c in a.config], students=[Path(s) for s in a.student], version=a.version,
             n=a.n, batch=a.batch, rows=a.rows, margin=margin, export=a.export,
             work=Path(a.work) if a.work else None, keep_staging=a.keep_staging,
+            refit_decoder=not a.no_refit_decoder, decoder_config=Path(a.decoder_config) if a.decoder_config else None,
         )  # fmt: skip
         dest = retrain(cfg)
     except GateRefused as e:

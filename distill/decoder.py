@@ -82,6 +82,17 @@ class DecoderConfig:
         return load_config(cls, path, "decoder config", **overrides)
 
 
+# How a shipped fast decoder is brought to a family's new students (the re-fit of version
+# 2026-12-05.2, configs/shapes64-decoder-refit.json; deploy/retrain.py's default): start from it
+# (`init`), a pool of the new students' latents, a short run at the second version's settings.
+REFIT = {"pool_students": 4096, "steps": 2000, "lr": 5e-4, "edge_weight": 1.0}
+
+
+def refit_config(family: str | Path, init: str | Path, out: str | Path, path: str | Path | None = None) -> DecoderConfig:
+    """The config that re-fits `init` on `family`'s students: `path`'s settings, else REFIT."""
+    return DecoderConfig.load(path, **({} if path else REFIT), family=str(family), init=str(init), out=str(out))
+
+
 def build_tiny_vae(cfg: DecoderConfig, upsamplings: int):
     """AutoencoderTiny with `upsamplings` 2x stages (the full VAE's downsampling factor)."""
     from diffusers import AutoencoderTiny

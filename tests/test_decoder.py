@@ -95,6 +95,15 @@ def test_a_run_can_start_from_a_shipped_decoder_and_refuses_another_architecture
         train_tiny_vae(small_config(family, tmp_path / "e", steps=0, init=str(tmp_path / "missing")))
 
 
+def test_the_retrain_default_re_fit_is_the_shipped_re_fit_config():
+    from distill.decoder import refit_config
+
+    shipped = Path(__file__).resolve().parents[1] / "configs" / "shapes64-decoder-refit.json"
+    want = DecoderConfig.load(shipped, family="f", init="i", out="o")
+    assert refit_config("f", "i", "o") == want  # distill.decoder.REFIT and the config cannot drift apart
+    assert refit_config("f", "i", "o", shipped) == want
+
+
 def test_load_family_with_the_tiny_decoder(family, tmp_path):
     with pytest.raises(ModelError, match="vae_tiny"):
         load_family(family, decoder="tiny")

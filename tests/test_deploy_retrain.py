@@ -117,3 +117,42 @@ def test_a_student_init_inside_the_teacher_follows_the_staged_family(tmp_path, m
         seen.clear()
         rt.distill_into(config, tmp_path / "staging", tmp_path / "work")
         assert seen["cfg"].student_init == want and seen["cfg"].teacher == str(tmp_path / "staging")
+
+
+TINY_DECODER = {  # write_tiny_decoder's architecture, a pool and a run small enough for a test
+    "channels": 8, "blocks": [1, 1, 0], "encoder_channels": 8, "encoder_blocks": [1, 1, 1], "latent_scale": 2.0,
+    "pool_renders": 8, "pool_students": 8, "holdout": 4, "batch_size": 4, "steps": 3, "checkpoint_every": 1000,
+}  # fmt: skip
+
+
+def test_new_students_get_the_fast_decoder_re_fitted_on_their_latents(tmp_path):
+    """The service serves a family's vae_tiny/ by default, so a version whose students changed
+    re-fits it (from the current one) rather than carrying one fitted on other students."""
+    from flash.tiny import write_tiny_decoder
+
+    fam = write_tiny_family(tmp_path / "fam", image_size=64)
+    write_tiny_decoder(fam)
+    (tmp_path / "tiny.json").write_text(json.dumps(TINY_DISTILL))
+    (tmp_path / "decoder.json").write_text(json.dumps(TINY_DECODER))
+    weights = "vae_tiny/diffusion_pytorch_model.safetensors"
+    before = load_file(fam / weights)
+
+    def same(version: str) -> bool:
+        after = load_file(tmp_path / "store" / "tiny" / version / weights)
+        return all(torch.equal(before[k], after[k]) for k in before)
+
+    r = retrain(tmp_path, "--teacher", str(fam), "--version", "v1")  # students unchanged: decoder too
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "re-fitting" not in r.stdout and same("v1")
+    store.set_current(tmp_path / "store", "tiny", "v1")
+    r = retrain(tmp_path, "--config", str(tmp_path / "tiny.json"), "--decoder-config", str(tmp_path / "decoder.json"),
+                "--version", "v2")  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "re-fitting the fast decoder" in r.stdout and "held-out PSNR" in r.stdout
+    assert not same("v2")
+    report = json.loads((tmp_path / "store/tiny/v2/vae_tiny/train.json").read_text())
+    assert report["steps"] == 3 and report["init"].endswith("vae_tiny")  # started from the staged one
+    r = retrain(tmp_path, "--config", str(tmp_path / "tiny.json"), "--no-refit-decoder", "--version", "v3",
+                "--work", str(tmp_path / "work3"))  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "kept as it is" in r.stdout and same("v3")
