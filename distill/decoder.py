@@ -182,17 +182,19 @@ def init_weights(tiny, folder: Path) -> None:
     """Copy an AutoencoderTiny folder's weights into `tiny`: same architecture, or a clear error."""
     from diffusers import AutoencoderTiny
 
+    from flash.models import check_weights
+
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"init: no AutoencoderTiny config in {folder}")
-    src = AutoencoderTiny.from_pretrained(folder)
-    mine, theirs = tiny.state_dict(), src.state_dict()
-    shapes = lambda sd: {k: tuple(v.shape) for k, v in sd.items()}  # noqa: E731
-    same = shapes(mine) == shapes(theirs) and all(
-        src.config[k] == tiny.config[k] for k in ("scaling_factor", "upsample_fn")
-    )
-    if not same:
-        raise ValueError(f"init: {folder} is not this config's architecture (channels, blocks, upsample, latent_scale)")
-    tiny.load_state_dict(theirs)
+    check_weights(folder)  # safetensors only, as every loader here
+    src = AutoencoderTiny.from_pretrained(folder, use_safetensors=True)
+    why = f"init: {folder} is not this config's architecture (channels, blocks, upsample, latent_scale)"
+    if any(src.config[k] != tiny.config[k] for k in ("scaling_factor", "upsample_fn")):
+        raise ValueError(why)
+    try:
+        tiny.load_state_dict(src.state_dict())  # strict: other keys or shapes raise
+    except RuntimeError as e:
+        raise ValueError(why) from e
 
 
 def train_tiny_vae(cfg: DecoderConfig) -> Path:
