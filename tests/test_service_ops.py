@@ -312,3 +312,25 @@ def test_bench_service_prints_the_six_ratios_on_a_tiny_family(load_bench, tmp_pa
     assert 0 < out["p50 server generation ms (timings.compute_ms)"] < http_p50
     assert 0 < out["p50 HTTP minus server generation ms"] < http_p50
     assert (tmp_path / "r.json").is_file()
+
+
+def test_service_stages_reads_per_image_stage_times_from_the_served_metrics(load_bench):
+    """bench/service_stages.py splits the served image's time by stage from /metrics: seconds per
+    image, and images per call (per U-Net call from the batch histogram, per text-encoder and
+    decoder call from the images sent)."""
+    from service.metrics import Metrics
+
+    stages = load_bench("service_stages")
+    m = Metrics()
+    before = stages.stage_seconds(m.exposition().decode())
+    for _ in range(3):  # three U-Net calls of 4 images: one request group of 4, 3-step
+        m.record_stage("unet", 0.020, 4, "flash-3step")
+    m.record_stage("text_encoder", 0.004, 4, "flash-3step")
+    m.record_stage("vae_decode", 0.008, 4, "flash-3step")
+    m.record_stage("unet", 1.0, 2, "teacher")  # another model's calls count in its stage time only
+    after = stages.stage_seconds(m.exposition().decode())
+    assert after["images"] == (12.0, 3.0)
+    rows = stages.per_image(before, after, images=4)
+    assert rows["text_encoder"] == pytest.approx((1.0, 4.0))
+    assert rows["vae_decode"] == pytest.approx((2.0, 4.0))
+    assert rows["unet"] == pytest.approx(((0.060 + 1.0) / 4 * 1e3, 12 / 4))
