@@ -68,21 +68,6 @@ def collate_requests(
     return items
 
 
-def refill(queue: Queue, n: int, timeout: float, clock=time.monotonic) -> list:
-    """Up to `n` items that are on `queue` or arrive within `timeout` s: after a call that
-    answered n requests, the loop waits this long for their clients' next ones
-    (`Settings.refill_ms`). [] at once when n <= 0."""
-    items: list = []
-    end = clock() + timeout
-    while len(items) < n:
-        remaining = end - clock()
-        try:
-            items.append(queue.get(timeout=remaining) if remaining > 0 else queue.get_nowait())
-        except Empty:
-            break
-    return items
-
-
 def waits_for_company(job: Job) -> bool:
     """Whether an idle loop holds `job` for `max_wait_ms` so requests sent with it share its call.
 
@@ -210,7 +195,6 @@ class BatchStats:
     mixed_step_calls: int = 0  # student calls whose items sat at different steps
     dropped: int = 0  # cancelled before their turn
     failed_calls: int = 0
-    finished: int = 0  # jobs answered
 
 
 # (stage, seconds, images in the call, model); must be cheap: it runs on the device thread.
@@ -380,7 +364,6 @@ class Batcher:
         for job in {id(it.job): it.job for it in self.groups.get(key, ())}.values():
             if not job.gone and all(im is not None for im in job.images):
                 job.finish(models.version, now)
-                self.stats.finished += 1
         self.groups[key] = items
         if not items:
             del self.groups[key]
@@ -425,7 +408,6 @@ class Batcher:
             job.images = list(images[k : k + len(job.seeds)])
             k += len(job.seeds)
             job.finish(models.version, now)
-            self.stats.finished += 1
 
     # -- bookkeeping ------------------------------------------------------------------------
 

@@ -40,14 +40,6 @@ class Settings(BaseSettings):
     device: str = Field("cpu", description="Torch device that runs the models: cpu, cuda, cuda:N or mps.")
     backend: str = Field("torch", description="Inference backend (see service.backends.BACKENDS).")
     max_batch_size: int = Field(16, ge=1, le=256, description="Most images in one U-Net call.")
-    refill_ms: float = Field(
-        0.0,
-        ge=0,
-        le=1000,
-        description="After a call that answered k requests while others are still in flight, how long the "
-        "device waits for up to k new ones before its next call (clients that send their next request on "
-        "each answer then share it; open traffic pays up to this much per answer). 0: never wait.",
-    )
     max_wait_ms: float = Field(
         2.0,
         ge=0,

@@ -35,7 +35,6 @@ from service.batching import (
     ModelSet,
     StudentPlan,
     collate_requests,
-    refill,
     waits_for_company,
 )
 from service.catalog import TEACHER, build_catalog, student_name
@@ -268,7 +267,7 @@ class Engine:
             self._serve()
 
     def _serve(self) -> None:
-        window, refill_s = self.settings.max_wait_ms / 1000, self.settings.refill_ms / 1000
+        window = self.settings.max_wait_ms / 1000
         b = self.batcher
         while not self._stop.is_set():
             if self.models is None:
@@ -279,15 +278,10 @@ class Engine:
             b.add(collate_requests(self._queue, b.room(), window if idle else 0.0, POLL_S if idle else 0.0,
                                    linger_if=waits_for_company))
             if b.has_work():
-                finished = b.stats.finished
                 try:
                     b.run_once(self.models)  # read after the wait: a swap applies to the next admission
                 except Exception:  # the batcher fails its own jobs; this is a bug, never a crash
                     log.exception("batching loop error; continuing")
-                answered = b.stats.finished - finished
-                if refill_s and answered and b.has_work():
-                    # clients that send their next request on an answer can join the next call
-                    b.add(refill(self._queue, min(answered, b.room()), refill_s))
         b.add(collate_requests(self._queue, 1 << 30, 0.0))
         b.abort_all(NotReady("the server is shutting down"))
         self._run_control(0, error=NotReady("the server is shutting down"))

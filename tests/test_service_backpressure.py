@@ -183,29 +183,3 @@ def test_sigterm_stops_accepting_and_finishes_in_flight_work(family, monkeypatch
         assert not engine.alive  # then the device thread stopped
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"{url}/health/live", timeout=2)
-
-
-def test_refill_holds_the_next_call_for_the_request_an_answer_brings(family, monkeypatch):
-    """refill_ms: after a call answers a request while another is mid-trajectory, the device waits
-    for the client's next request, which then shares the in-flight one's next U-Net call."""
-    settings = Settings(model_dir=family, max_batch_size=4, max_wait_ms=0, refill_ms=1000, log_level="warning")
-    with serve_in_thread(settings) as (url, srv):
-        app = srv.config.app
-        slow = Patched(app, 3, monkeypatch)
-        slow.delay = 0.15
-        calls = []
-        monkeypatch.setattr(slow, "real", lambda x, t, cond, real=slow.real: calls.append(t.tolist()) or real(x, t, cond))
-        with httpx.Client(timeout=30) as client:
-            second = threading.Thread(
-                target=lambda: client.post(f"{url}/v1/images/generations", json=body(seed=2)), daemon=True
-            )
-            threading.Timer(0.2, second.start).start()  # joins the first a step or two behind
-            t0 = time.monotonic()
-            assert client.post(f"{url}/v1/images/generations", json=body(seed=1)).status_code == 200
-            answered_after, seen = time.monotonic() - t0, len(calls)
-            assert client.post(f"{url}/v1/images/generations", json=body(seed=3)).status_code == 200
-            second.join(timeout=30)
-        # the call after the first answer carries the third request's first step (t = 999) beside
-        # the second's later one: the device waited for it
-        assert seen < len(calls) and 999 in calls[seen] and len(calls[seen]) == 2, (calls, seen)
-        assert answered_after < 2.0  # the first request itself never waited

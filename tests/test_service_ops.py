@@ -4,9 +4,11 @@ SIGHUP), and a Prometheus exposition that `promtool check metrics` accepts."""
 import asyncio
 import base64
 import io
+import itertools
 import json
 import shutil
 import signal
+import statistics
 import subprocess
 import threading
 import time
@@ -334,3 +336,20 @@ def test_service_stages_reads_per_image_stage_times_from_the_served_metrics(load
     assert rows["text_encoder"] == pytest.approx((1.0, 4.0))
     assert rows["vae_decode"] == pytest.approx((2.0, 4.0))
     assert rows["unet"] == pytest.approx(((0.060 + 1.0) / 4 * 1e3, 12 / 4))
+
+
+def test_open_loop_arrivals_are_poisson_and_requests_go_out_on_their_own_clock(load_bench, family):
+    """bench/open_loop.py: exponential gaps of mean 1 / rate inside the duration, the same for a
+    seed; each arrival is sent when due, on a free connection, whether or not others answered."""
+    bench = load_bench("open_loop")
+    times = bench.arrival_times(rate=200.0, duration=10.0, seed=3)
+    assert times == sorted(times) and 0 < times[0] and times[-1] < 10.0
+    assert len(times) == pytest.approx(2000, rel=0.1)
+    assert statistics.mean(b - a for a, b in itertools.pairwise(times)) == pytest.approx(1 / 200, rel=0.1)
+    assert bench.arrival_times(200.0, 10.0, seed=3) == times != bench.arrival_times(200.0, 10.0, seed=4)
+
+    due = [0.0, 0.0, 0.0, 0.3]  # three at once: three connections busy together
+    with serve_in_thread(Settings(model_dir=family, log_level="warning")) as (url, _):
+        latencies, rate = asyncio.run(bench.open_loop(url, due, connections=3))
+    assert len(latencies) == 4 and all(t > 0 for t in latencies)
+    assert rate < 4 / 0.3  # the last one waited for its time
