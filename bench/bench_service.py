@@ -203,16 +203,22 @@ def teacher_and_student_under_load(
     return teacher, student
 
 
-def images_per_unet_call(url: str, model: str = STUDENT) -> tuple[float, float]:
-    """(images, calls) of `model` so far: the flash_batch_size_images histogram's sum and count."""
+def histogram_totals(metrics_text: str, histogram: str, **labels: str) -> tuple[float, float]:
+    """(sum, count) of a histogram in a /metrics exposition, over its series with `labels`."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    found = {}
-    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
+    found = {"sum": 0.0, "count": 0.0}
+    for family in text_string_to_metric_families(metrics_text):
         for sample in family.samples:
-            if sample.labels.get("model") == model and sample.name.startswith("flash_batch_size_images_"):
-                found[sample.name.rsplit("_", 1)[-1]] = sample.value
-    return found.get("sum", 0.0), found.get("count", 0.0)
+            part = sample.name.removeprefix(histogram + "_")
+            if part in found and sample.name != part and labels.items() <= sample.labels.items():
+                found[part] += sample.value
+    return found["sum"], found["count"]
+
+
+def images_per_unet_call(url: str, model: str = STUDENT) -> tuple[float, float]:
+    """(images, calls) of `model` so far: the flash_batch_size_images histogram's sum and count."""
+    return histogram_totals(httpx.get(f"{url}/metrics").text, "flash_batch_size_images", model=model)
 
 
 def local_generator(model: Path, decoder: str = "full", backend: str = "torch", onnx_dir: Path | None = None):

@@ -34,42 +34,26 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_service import STUDENT, body, http_throughput, server  # noqa: E402
+from bench.bench_service import STUDENT, body, histogram_totals, http_throughput, server  # noqa: E402
 from service.metrics import STAGES  # noqa: E402
 
 
 def stage_seconds(metrics_text: str) -> dict[str, tuple[float, float]]:
     """{stage: (seconds, calls)} from the flash_compute_duration_seconds histogram, and
     {"images": (images, unet calls)} of the 3-step student from flash_batch_size_images."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    out: dict[str, list[float]] = {}
-    for family in text_string_to_metric_families(metrics_text):
-        for s in family.samples:
-            if s.name.startswith("flash_compute_duration_seconds_"):
-                key = s.labels.get("stage", "")
-            elif s.name.startswith("flash_batch_size_images_") and s.labels.get("model") == STUDENT:
-                key = "images"
-            else:
-                continue
-            part = s.name.rsplit("_", 1)[-1]
-            if part in ("sum", "count"):
-                slot = out.setdefault(key, [0.0, 0.0])
-                slot[part == "count"] += s.value
-    return {k: (v[0], v[1]) for k, v in out.items()}
+    out = {stage: histogram_totals(metrics_text, "flash_compute_duration_seconds", stage=stage) for stage in STAGES}
+    out["images"] = histogram_totals(metrics_text, "flash_batch_size_images", model=STUDENT)
+    return out
 
 
 def per_image(before: dict, after: dict, images: int) -> dict[str, tuple[float, float]]:
     """{stage: (ms per image, images per call)} between two `stage_seconds` readings."""
+    # each image passes the text encoder and the decoder once, the U-Net once per step
+    passed = {stage: images for stage in STAGES} | {"unet": after["images"][0] - before["images"][0]}
     rows = {}
     for stage in STAGES:
-        s0, c0 = before.get(stage, (0.0, 0.0))
-        s1, c1 = after.get(stage, (0.0, 0.0))
-        calls = c1 - c0
-        # each image passes the text encoder and the decoder once, the U-Net once per step
-        unet_images = after.get("images", (0.0, 0.0))[0] - before.get("images", (0.0, 0.0))[0]
-        fill = (unet_images if stage == "unet" else images) / max(calls, 1.0)
-        rows[stage] = ((s1 - s0) / images * 1e3, fill)
+        (s0, c0), (s1, c1) = before[stage], after[stage]
+        rows[stage] = ((s1 - s0) / images * 1e3, passed[stage] / max(c1 - c0, 1.0))
     return rows
 
 
