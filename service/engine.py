@@ -184,8 +184,8 @@ class Engine:
             ) from None
         self._in_flight += 1
         try:
-            remaining = max(0.0, job.deadline - time.monotonic())
-            return await asyncio.wait_for(asyncio.wrap_future(job.future), timeout=remaining)
+            async with asyncio.timeout(max(0.0, job.deadline - time.monotonic())):
+                return await asyncio.wrap_future(job.future)
         except TimeoutError:
             raise DeadlineExceeded(
                 f"no result within the {self.settings.request_timeout_s:g} s deadline"
