@@ -100,8 +100,8 @@ class Settings(BaseSettings):
     ort_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0: its default).")
     png_compress_level: int = Field(
         1, ge=0, le=9,
-        description="zlib level of the PNGs sent (0 stores the pixels: least CPU per request, about twice the "
-        "bytes of 1; 9: smallest, slowest).",
+        description="deflate level of the PNGs sent (0 stores the pixels: least CPU per request, about twice the "
+        "bytes of 1; 1-3 deflate with ISA-L, 4-9 with zlib; 9: smallest, slowest).",
     )
     trt_cuda_graphs: bool = Field(False, description="Capture CUDA graphs per batch-size bucket (tensorrt).")
     torch_dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
