@@ -13,7 +13,8 @@
              Where the family ships a fast decoder (vae_tiny/, which the service serves by default)
              and its students changed, the decoder is re-fitted on the new students' latents
              (distill.decoder.refit_config; --decoder-config, or --no-refit-decoder to keep it as is)
-3. evaluate  the project's evaluator (flash.eval.run, the rows of `flash eval`) on --n prompts
+3. evaluate  the project's evaluator (flash.eval.run, the rows of `flash eval`) on --n prompts, and
+             where the family ships the fast decoder, every student's row again with it
 4. gate      the same rows of the current version (its recorded figures when they were made with
              the same n, else evaluated again) against the candidate's: any gated figure worse by
              more than its margin (deploy/gate.json, --margin) refuses the version (exit 3)
@@ -34,10 +35,14 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from deploy import store as st
+
+if TYPE_CHECKING:
+    from flash.eval.run import Row
 
 GATE_FILE = Path(__file__).with_name("gate.json")
 EXPORTS = ("none", "onnx", "tensorrt")
@@ -144,14 +149,35 @@ def refit_decoder(family_dir: Path, work: Path, config: Path | None) -> dict:
     return report
 
 
-def evaluate(family_dir: Path, n: int, batch: int, keys: list[str]) -> dict:
-    """The evaluator's figures for a family: {"n": n, "rows": {row name: metrics}}."""
-    from flash.eval.run import default_rows, evaluate_rows
+FAST_DECODER = ", fast decoder"  # suffix of the rows evaluated with the family's vae_tiny/
 
-    rows = [r for r in default_rows(family_dir) if not keys or any(k in r.name for k in keys)]
+
+def gated_rows(family_dir: Path, keys: list[str]) -> list[tuple[Row, str]]:
+    """(row, decoder) pairs a family is judged on: the evaluator's rows (`flash eval`) with the
+    full decoder, and where the family ships a fast decoder (vae_tiny/, which the service serves
+    by default) every student's row again with it, named "<row>, fast decoder"; `keys` keeps
+    the rows whose name contains one of them."""
+    from flash.eval.run import default_rows
+    from flash.models import TINY_VAE
+
+    rows = [(r, "full") for r in default_rows(family_dir)]
+    if (Path(family_dir) / TINY_VAE).is_dir():
+        rows += [(replace(r, name=r.name + FAST_DECODER), "tiny") for r, _ in rows if r.kind == "student"]
+    return [(r, d) for r, d in rows if not keys or any(k in r.name for k in keys)]
+
+
+def evaluate(family_dir: Path, n: int, batch: int, keys: list[str]) -> dict:
+    """The evaluator's figures for a family's gated rows: {"n": n, "rows": {row name: metrics}}."""
+    from flash.eval.run import evaluate_rows
+
+    rows = gated_rows(family_dir, keys)
     if not rows:
         raise RetrainError(f"no evaluation rows of {family_dir} match {keys}")
-    results = evaluate_rows(family_dir, rows, n=n, batch=batch)
+    results = []
+    for decoder in ("full", "tiny"):
+        chosen = [r for r, d in rows if d == decoder]
+        if chosen:
+            results += evaluate_rows(family_dir, chosen, n=n, batch=batch, decoder=decoder)
     data = [{"row": {"name": r.row.name}, "metrics": r.metrics} for r in results]
     return st.figures_from_results(json.loads(json.dumps(data, default=float)))
 
@@ -165,7 +191,7 @@ def current_figures(cfg: RetrainConfig) -> tuple[str | None, dict | None]:
     folder = st.version_dir(cfg.store, cfg.family, version)
     recorded = st.read_card(folder).get("eval") or {}
     rows = recorded.get("rows") or {}
-    current_rows = _row_names(folder, cfg.rows)
+    current_rows = [r.name for r, _ in gated_rows(folder, cfg.rows)]
     if recorded.get("n") == cfg.n and all(r in rows for r in current_rows):
         print(f"      current version {version}: recorded figures (n={cfg.n})", flush=True)
         return version, {"n": cfg.n, "rows": {r: rows[r] for r in current_rows}}
@@ -174,12 +200,6 @@ def current_figures(cfg: RetrainConfig) -> tuple[str | None, dict | None]:
         flush=True,
     )
     return version, evaluate(folder, cfg.n, cfg.batch, cfg.rows)
-
-
-def _row_names(folder: Path, keys: list[str]) -> list[str]:
-    from flash.eval.run import default_rows
-
-    return [r.name for r in default_rows(folder) if not keys or any(k in r.name for k in keys)]
 
 
 def print_checks(candidate: dict, current: dict, margin: st.Margin) -> None:

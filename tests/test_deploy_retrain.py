@@ -144,6 +144,9 @@ def test_new_students_get_the_fast_decoder_re_fitted_on_their_latents(tmp_path):
     r = retrain(tmp_path, "--teacher", str(fam), "--version", "v1")  # students unchanged: decoder too
     assert r.returncode == 0, r.stdout + r.stderr
     assert "re-fitting" not in r.stdout and same("v1")
+    rows = store.read_card(tmp_path / "store/tiny/v1")["eval"]["rows"]  # what the service serves is gated too
+    assert {"Imagine Flash, 3-step", "Imagine Flash, 3-step, fast decoder"} <= set(rows)
+    assert "teacher, 25 DPM-Solver++ steps, CFG, fast decoder" not in rows  # students only
     store.set_current(tmp_path / "store", "tiny", "v1")
     r = retrain(tmp_path, "--config", str(tmp_path / "tiny.json"), "--decoder-config", str(tmp_path / "decoder.json"),
                 "--version", "v2")  # fmt: skip
@@ -156,3 +159,13 @@ def test_new_students_get_the_fast_decoder_re_fitted_on_their_latents(tmp_path):
                 "--work", str(tmp_path / "work3"))  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
     assert "kept as it is" in r.stdout and same("v3")
+
+    # The gate judges the fast-decoder rows: a current version (v1) whose recorded fast-decoder row
+    # is a good model's refuses a candidate that falls below it, naming that row.
+    card = store.read_card(tmp_path / "store/tiny/v1")
+    card["eval"]["rows"]["Imagine Flash, 3-step, fast decoder"]["alignment"]["overall"] = 90.0
+    store.write_json(tmp_path / "store/tiny/v1/flash.json", card)
+    r = retrain(tmp_path, "--student", str(tmp_path / "store/tiny/v3/students/3-step"), "--no-refit-decoder",
+                "--version", "v4", "--work", str(tmp_path / "work4"))  # fmt: skip
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert "Imagine Flash, 3-step, fast decoder: alignment.overall fell from 90" in r.stderr
