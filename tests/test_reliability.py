@@ -25,8 +25,10 @@ import httpx
 import pytest
 
 from flash.tiny import write_tiny_family
+from service import errors
 from service.app import create_app
 from service.config import Settings
+from service.routes import until_disconnect
 from service.testing import serve_in_thread, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,6 +121,63 @@ def test_a_client_that_hangs_up_mid_trajectory_leaks_nothing(server, monkeypatch
     assert counter(app, "flash_pending_requests") == 0
     r = httpx.post(f"{url}{GEN}", json={"prompt": "still fine", "model": "flash-3step"}, timeout=30)
     assert r.status_code == 200
+
+
+# The watch itself (routes.until_disconnect): one task per request, whose callback cancels the handler.
+
+
+class FakeRequest:
+    """`receive()` reports a disconnect once `hang_up` is set."""
+
+    def __init__(self):
+        self.hang_up = asyncio.Event()
+
+    async def receive(self):
+        await self.hang_up.wait()
+        return {"type": "http.disconnect"}
+
+
+def test_the_result_comes_back_and_a_later_hang_up_cancels_nothing():
+    async def main():
+        request = FakeRequest()
+        result = await until_disconnect(request, asyncio.sleep(0.01, result="done"))
+        request.hang_up.set()  # after the answer: must not cancel this task
+        await asyncio.sleep(0.02)
+        return result, asyncio.current_task().cancelling()
+
+    assert asyncio.run(main()) == ("done", 0)
+
+
+def test_a_hang_up_cancels_the_work_and_raises_client_gone():
+    async def main():
+        request, cancelled = FakeRequest(), asyncio.Event()
+
+        async def work():
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+
+        asyncio.get_running_loop().call_later(0.01, request.hang_up.set)
+        with pytest.raises(errors.ClientGone):
+            await until_disconnect(request, work())
+        assert cancelled.is_set()
+        assert asyncio.current_task().cancelling() == 0  # our own cancel is taken back
+        await asyncio.sleep(0.01)  # and the task goes on without a stray cancellation
+
+    asyncio.run(main())
+
+
+def test_a_cancel_from_elsewhere_stays_a_cancel():
+    async def main():
+        task = asyncio.ensure_future(until_disconnect(FakeRequest(), asyncio.sleep(10)))
+        await asyncio.sleep(0.01)
+        task.cancel()  # e.g. the server shutting down: not a client that left
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
 
 
 # -- broken model folders ----------------------------------------------------------------------

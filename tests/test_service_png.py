@@ -1,6 +1,5 @@
-"""The service's PNG writer (service/png.py) and its one-task disconnect watch (routes.until_disconnect)."""
+"""The service's PNG writer (service/png.py)."""
 
-import asyncio
 import io
 import zlib
 
@@ -8,9 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service import errors
 from service.png import encode_png
-from service.routes import until_disconnect
 
 RNG = np.random.default_rng(0)
 SMOOTH = np.linspace(0, 255, 64 * 48 * 3).reshape(48, 64, 3).astype(np.uint8)  # wide, not square
@@ -58,57 +55,3 @@ def test_level_zero_stores_and_deflate_shrinks_smooth_images():
 def test_bad_input_is_named(image, level, message):
     with pytest.raises(ValueError, match=message):
         encode_png(image, level)
-
-
-class FakeRequest:
-    """`receive()` reports a disconnect once `hang_up` is set."""
-
-    def __init__(self):
-        self.hang_up = asyncio.Event()
-
-    async def receive(self):
-        await self.hang_up.wait()
-        return {"type": "http.disconnect"}
-
-
-def test_the_result_comes_back_and_a_later_hang_up_cancels_nothing():
-    async def main():
-        request = FakeRequest()
-        result = await until_disconnect(request, asyncio.sleep(0.01, result="done"))
-        request.hang_up.set()  # after the answer: must not cancel this task
-        await asyncio.sleep(0.02)
-        return result, asyncio.current_task().cancelling()
-
-    assert asyncio.run(main()) == ("done", 0)
-
-
-def test_a_hang_up_cancels_the_work_and_raises_client_gone():
-    async def main():
-        request, cancelled = FakeRequest(), asyncio.Event()
-
-        async def work():
-            try:
-                await asyncio.sleep(10)
-            except asyncio.CancelledError:
-                cancelled.set()
-                raise
-
-        asyncio.get_running_loop().call_later(0.01, request.hang_up.set)
-        with pytest.raises(errors.ClientGone):
-            await until_disconnect(request, work())
-        assert cancelled.is_set()
-        assert asyncio.current_task().cancelling() == 0  # our own cancel is taken back
-        await asyncio.sleep(0.01)  # and the task goes on without a stray cancellation
-
-    asyncio.run(main())
-
-
-def test_a_cancel_from_elsewhere_stays_a_cancel():
-    async def main():
-        task = asyncio.ensure_future(until_disconnect(FakeRequest(), asyncio.sleep(10)))
-        await asyncio.sleep(0.01)
-        task.cancel()  # e.g. the server shutting down: not a client that left
-        with pytest.raises(asyncio.CancelledError):
-            await task
-
-    asyncio.run(main())
