@@ -6,12 +6,14 @@ import base64
 import io
 import itertools
 import json
+import os
 import shutil
 import signal
 import statistics
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -353,3 +355,21 @@ def test_open_loop_arrivals_are_poisson_and_requests_go_out_on_their_own_clock(l
         latencies, rate = asyncio.run(bench.open_loop(url, due, connections=3))
     assert len(latencies) == 4 and all(t > 0 for t in latencies)
     assert rate < 4 / 0.3  # the last one waited for its time
+
+
+def test_thread_cpu_bench_splits_a_servers_cpu_by_thread(load_bench, tmp_path):
+    """bench/thread_cpu.py: per-thread CPU from /proc, per request; the main thread is the event loop."""
+    bench = load_bench("thread_cpu")
+    me = os.getpid()
+    now = bench.thread_cpu(me)
+    assert me in now and all(cpu >= 0 for _, cpu in now.values())
+    before = {me: ("python", 1.0), 11: ("flash-device", 2.0), 12: ("python", 2.0)}
+    after = {me: ("python", 1.2), 11: ("flash-device", 4.0), 12: ("python", 3.9), 13: ("pool", 0.1)}
+    ms = bench.per_request(before, after, me, 100)  # a thread that started in between counts from 0
+    assert ms == pytest.approx({"event loop": 2.0, "busiest other": 20.0, "second other": 19.0, "the rest": 1.0})
+
+    fam = write_tiny_family(tmp_path / "fam")
+    out = bench.main(["--model", str(fam), "--requests", "48", "--concurrency", "4", "--trials", "1"])
+    (tree,) = out
+    assert Path(tree) == Path(bench.ROOT) and len(out[tree]["images per second"]) == 1
+    assert out[tree]["images per second"][0] > 0 and out[tree]["event loop ms per request"][0] >= 0
