@@ -14,8 +14,10 @@ Registering a backend: add a factory `(family, settings) -> FamilyBackends` to
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -27,6 +29,8 @@ from flash.pipeline import TextToImage, compiled_unet_denoiser, unet_denoiser
 
 if TYPE_CHECKING:
     from service.config import Settings
+
+log = logging.getLogger(__name__)
 
 
 class BackendError(RuntimeError):
@@ -135,8 +139,26 @@ def torch_backends(family: Family, settings: Settings) -> FamilyBackends:
     return backends
 
 
+def auto_backends(family: Family, settings: Settings) -> FamilyBackends:
+    """The default: ONNX Runtime on CPU where the family has a usable export (`onnx_dir`, or
+    <family>/onnx as `flash export onnx` and `make serve` write it), else torch. On this 2-core
+    CPU a lone 3-step image takes ~40 ms on ONNX Runtime against ~67 on torch (docs/benchmarks.md).
+    Decided again at every load, so a reload to a version without an export serves it on torch."""
+    onnxruntime = BACKENDS.get("onnxruntime")  # absent without the export extra
+    if onnxruntime is not None and torch_device(settings.device).type == "cpu":
+        folder = Path(settings.onnx_dir or Path(family.path or ".") / "onnx")
+        if (folder / "manifest.json").is_file():
+            try:
+                return onnxruntime(family, settings)
+            except (BackendError, ImportError) as e:  # stale, failed parity, no onnxruntime
+                log.warning("backend auto: not serving the export in %s (%s); serving with torch", folder, e)
+        else:
+            log.info("backend auto: no export in %s (`flash export onnx` makes one); serving with torch", folder)
+    return torch_backends(family, settings)
+
+
 # The registration point: name -> factory. export/ adds "onnxruntime" and "tensorrt".
-BACKENDS: dict[str, BackendFactory] = {"torch": torch_backends}
+BACKENDS: dict[str, BackendFactory] = {"auto": auto_backends, "torch": torch_backends}
 
 
 def _register_exported() -> None:

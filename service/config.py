@@ -38,7 +38,12 @@ class Settings(BaseSettings):
     )
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0 picks a free one).")
     device: str = Field("cpu", description="Torch device that runs the models: cpu, cuda, cuda:N or mps.")
-    backend: str = Field("torch", description="Inference backend (see service.backends.BACKENDS).")
+    backend: str = Field(
+        "auto",
+        description="Inference backend (service.backends.BACKENDS): torch, onnxruntime, tensorrt, or auto: onnxruntime "
+        "on cpu where the family has a usable export (onnx_dir, default <model_dir>/onnx), else torch; decided at "
+        "every load.",
+    )
     max_batch_size: int = Field(16, ge=1, le=256, description="Most images in one U-Net call.")
     max_wait_ms: float = Field(
         2.0,

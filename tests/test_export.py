@@ -24,7 +24,7 @@ from flash.models import load_family
 from flash.pipeline import TextToImage
 from flash.sampling import run_student
 from flash.tiny import write_tiny_family
-from service.backends import BackendError
+from service.backends import BackendError, auto_backends
 
 FILES = [
     "text_encoder.onnx",
@@ -151,6 +151,29 @@ def test_factory_rejects_bad_folders(exported, family, tmp_path):
         onnxruntime_backends(family, settings(onnx_dir=str(edited)))
 
 
+def test_auto_serves_a_matching_export_on_onnxruntime_and_anything_else_on_torch(exported, family, tmp_path, caplog):
+    """FLASH_BACKEND=auto (the default): <family>/onnx when it matches the weights, else torch."""
+    fam, out, _ = exported
+    auto = settings(onnx_dir=None)
+    assert auto_backends(family, auto).name == "onnxruntime"  # finds <family>/onnx
+    bare = load_family(shutil.copytree(fam, tmp_path / "bare", ignore=shutil.ignore_patterns("onnx")))
+    with caplog.at_level("INFO", logger="service.backends"):
+        assert auto_backends(bare, auto).name == "torch"
+    assert "no export in" in caplog.text
+    other = shutil.copytree(fam, tmp_path / "other")  # its export, then other weights: a stale export
+    s = load_family(other).students[3]
+    with torch.no_grad():
+        next(s.unet.parameters()).add_(1e-3)
+    s.unet.save_pretrained(other / "students" / "3-step", safe_serialization=True)
+    caplog.clear()
+    assert auto_backends(load_family(other), auto).name == "torch"
+    assert "not serving the export" in caplog.text and "students/3-step changed" in caplog.text
+    cuda = settings(onnx_dir=None, device="cuda")  # not a CPU: torch, which names the missing device
+    if not torch.cuda.is_available():
+        with pytest.raises(BackendError, match="torch sees no CUDA device"):
+            auto_backends(family, cuda)
+
+
 def test_parity_failure_raises_and_marks_manifest(exported, tmp_path):
     fam, _, _ = exported
     out = tmp_path / "strict"
@@ -273,7 +296,8 @@ def test_dynamo_exporter_parity(family, tmp_path):
 
 
 def test_service_serves_the_onnxruntime_backend_like_torch(exported, family):
-    """FLASH_BACKEND=onnxruntime: same API, images within 2/255 of the torch backend."""
+    """FLASH_BACKEND=onnxruntime (and auto, with the export in place): same API, images within
+    2/255 of the torch backend."""
     import base64
     import io
 
@@ -287,7 +311,7 @@ def test_service_serves_the_onnxruntime_backend_like_torch(exported, family):
     fam, onnx_dir, _ = exported
     body = {"prompt": "a red circle above a blue square", "model": "flash-3step", "seed": 5, "n": 2}
     images = {}
-    for backend in ("torch", "onnxruntime"):
+    for backend in ("torch", "onnxruntime", "auto"):
         s = Settings(model_dir=fam, backend=backend, onnx_dir=onnx_dir, port=0, warmup=False)
         with serve_in_thread(s) as (url, _):
             r = httpx.post(f"{url}/v1/images/generations", json=body, timeout=60)
@@ -295,7 +319,10 @@ def test_service_serves_the_onnxruntime_backend_like_torch(exported, family):
             images[backend] = [
                 np.asarray(Image.open(io.BytesIO(base64.b64decode(d["b64_json"])))) for d in r.json()["data"]
             ]
-            assert f'backend="{backend}"' in httpx.get(f"{url}/metrics").text
+            served = "onnxruntime" if backend == "auto" else backend  # auto: the export, as it matches
+            assert f'backend="{served}"' in httpx.get(f"{url}/metrics").text
+    assert Settings(model_dir=fam).backend == "auto"  # the default
+    np.testing.assert_array_equal(images["auto"], images["onnxruntime"])
     for a, b in zip(images["torch"], images["onnxruntime"], strict=True):
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
 

@@ -32,7 +32,7 @@ def test_defaults_serve_the_shipped_family_on_localhost(monkeypatch):
         monkeypatch.delenv(name)
     s = Settings()
     assert s.model_dir == Path("models/shapes64") and s.host == "127.0.0.1" and s.port == 8000
-    assert s.backend == "torch" and s.device == "cpu" and s.api_keys == [] and s.admin_token is None
+    assert s.backend == "auto" and s.device == "cpu" and s.api_keys == [] and s.admin_token is None
     assert all(f.description for f in Settings.model_fields.values())  # every variable is documented
 
 
