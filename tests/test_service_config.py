@@ -40,7 +40,7 @@ def test_defaults_serve_the_shipped_family_on_localhost(monkeypatch):
     "field, value, match",
     [
         ("device", "tpu", "allowed: cpu, cuda, cuda:N, mps"),
-        ("backend", "openvino", "allowed: onnxruntime, tensorrt, torch"),
+        ("backend", "openvino", "allowed: auto, onnxruntime, tensorrt, torch"),
         ("log_level", "loud", "allowed: critical"),
         ("max_batch_size", 0, "greater than or equal to 1"),
         ("queue_size", 0, "greater than or equal to 1"),
@@ -55,7 +55,7 @@ def test_bad_settings_name_the_allowed_values(field, value, match):
 
 
 def test_backend_registry_names_what_is_available(monkeypatch):
-    with pytest.raises(BackendError, match="unknown backend 'openvino'; available: onnxruntime, tensorrt, torch"):
+    with pytest.raises(BackendError, match="unknown backend 'openvino'; available: auto, onnxruntime, tensorrt, torch"):
         make_backend("openvino", None, Settings())
     monkeypatch.setitem(BACKENDS, "fake", lambda family, settings: ("built", family))
     assert Settings(backend="fake").backend == "fake"  # a registered backend becomes a valid setting
