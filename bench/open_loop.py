@@ -1,12 +1,12 @@
 """Latency under open-loop load: 3-step requests sent at random times, not on answers.
 
     python bench/open_loop.py --model models/shapes64 --decoder tiny --rate 25 --duration 30 \\
-        --env FLASH_REFILL_MS --values 0,20 --runs 2
-    python bench/open_loop.py --tiny --rate 20 --duration 3 --env FLASH_REFILL_MS --values 0,20 --runs 1
+        --env FLASH_MAX_WAIT_MS --values 2,10 --runs 2
+    python bench/open_loop.py --tiny --rate 20 --duration 3 --env FLASH_PNG_COMPRESS_LEVEL --values 0,1 --runs 1
 
 bench/bench_service.py's clients each send their next request when an answer arrives (a
-closed loop), which is what a setting such as `FLASH_REFILL_MS` (wait after an answer for the
-next request) is made for. Traffic from many independent users arrives on its own clock:
+closed loop), which is what a setting that waits for company is tuned on (the refill window
+this script was written for, `FLASH_REFILL_MS`, measured and removed: docs/benchmarks.md). Traffic from many independent users arrives on its own clock:
 here arrivals are a Poisson process at `--rate` requests per second, each sent on a free
 keep-alive connection of a pool, whatever the server is doing. One server per (value, run),
 the values alternating run by run; prints p50 / p95 latency and the rate achieved.
@@ -75,8 +75,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--rate", type=float, default=25.0, help="requests per second (Poisson)")
     p.add_argument("--duration", type=float, default=30.0, help="seconds of arrivals per run")
     p.add_argument("--connections", type=int, default=64, help="keep-alive connections in the pool")
-    p.add_argument("--env", default="FLASH_REFILL_MS", help="the server setting compared")
-    p.add_argument("--values", default="0,20", help="its values, comma-separated, alternating")
+    p.add_argument("--env", required=True, help="the server setting compared, e.g. FLASH_MAX_WAIT_MS")
+    p.add_argument("--values", required=True, help="its values, comma-separated, alternating")
     p.add_argument("--runs", type=int, default=2, help="runs per value")
     args = p.parse_args(argv)
     model = args.model

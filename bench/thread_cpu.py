@@ -31,24 +31,23 @@ from service.testing import serve_in_process  # noqa: E402
 TICK_S = 1 / os.sysconf("SC_CLK_TCK")
 
 
-def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
-    """{tid: (thread name, CPU seconds: user + system)} of a process's threads."""
+def thread_cpu(pid: int) -> dict[int, float]:
+    """{tid: CPU seconds (user + system)} of a process's threads."""
     out = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
             stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
-            name = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
         except FileNotFoundError:  # the thread ended between listdir and read
             continue
         fields = stat.rsplit(")", 1)[1].split()  # after "pid (comm)": state is field 3, utime 14, stime 15
-        out[int(tid)] = (name, (int(fields[11]) + int(fields[12])) * TICK_S)
+        out[int(tid)] = (int(fields[11]) + int(fields[12])) * TICK_S
     return out
 
 
 def per_request(before: dict, after: dict, pid: int, n: int) -> dict[str, float]:
     """ms of CPU per request: the main thread (uvicorn's event loop), the two busiest others
     (the device thread and its OpenMP worker with torch), and the rest together."""
-    used = {tid: after[tid][1] - before.get(tid, (None, 0.0))[1] for tid in after}
+    used = {tid: cpu - before.get(tid, 0.0) for tid, cpu in after.items()}
     others = sorted((cpu for tid, cpu in used.items() if tid != pid), reverse=True)
     return {
         "event loop": used.get(pid, 0.0) / n * 1e3,

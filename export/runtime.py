@@ -301,6 +301,11 @@ def _setting(settings: Any, name: str, default: Any = None) -> Any:
     return default if value in (None, "") else value
 
 
+def onnx_folder(family: Family, settings: Any) -> Path:
+    """The export the onnxruntime backend serves: `settings.onnx_dir`, or <family>/onnx."""
+    return Path(_setting(settings, "onnx_dir", Path(family.path or ".") / ONNX_SUBDIR))
+
+
 def onnxruntime_backends(family: Family, settings: Any) -> FamilyBackends:
     """The "onnxruntime" factory: `settings.onnx_dir` (or <family>/onnx), checked against the family.
 
@@ -311,7 +316,7 @@ def onnxruntime_backends(family: Family, settings: Any) -> FamilyBackends:
         raise _backend_error(
             "the onnxruntime backend needs a family loaded from a folder (family.path is None)"
         )
-    folder = Path(_setting(settings, "onnx_dir", Path(family.path) / ONNX_SUBDIR))
+    folder = onnx_folder(family, settings)
     manifest = read_manifest(folder)
     parity = manifest.get("parity", {})
     if not parity.get("passed", False):

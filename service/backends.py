@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -146,7 +145,9 @@ def auto_backends(family: Family, settings: Settings) -> FamilyBackends:
     Decided again at every load, so a reload to a version without an export serves it on torch."""
     onnxruntime = BACKENDS.get("onnxruntime")  # absent without the export extra
     if onnxruntime is not None and torch_device(settings.device).type == "cpu":
-        folder = Path(settings.onnx_dir or Path(family.path or ".") / "onnx")
+        from export.runtime import onnx_folder  # importable: it registered "onnxruntime"
+
+        folder = onnx_folder(family, settings)
         if (folder / "manifest.json").is_file():
             try:
                 return onnxruntime(family, settings)
