@@ -33,7 +33,7 @@ install-dev: $(VENV)/.installed-dev
 
 # The service's default backend (auto) runs a family on ONNX Runtime on CPU where it has a matching
 # export (~40 against ~67 ms per 3-step image here, docs/benchmarks.md), else on torch: export once
-# per version (~1 minute on 2 cores); if the export fails, the service serves on torch.
+# per version (17 s on 2 cores); if the export fails, the service serves on torch.
 $(MODEL)/onnx/manifest.json: $(MODEL)/flash.json | $(VENV)/.installed-serve
 	$(BIN)/flash export onnx $(MODEL) --out $(MODEL)/onnx || echo "make serve: the ONNX export failed; serving on torch"
 

@@ -1,8 +1,8 @@
 """PNG for the answers: 8-bit images, one IDAT, each row "up"-filtered, then deflated.
 
-Pillow writes the same kind of file for ~9x the CPU on the service's images (its encoder picks a
-filter per row, goes through its tile machinery and deflates with zlib): 534 against 60 us for
-a 64 px student image at level 1 (docs/benchmarks.md). That CPU is taken on the event loop, from
+Pillow writes the same kind of file for ~5x the CPU on the service's images (its encoder picks a
+filter per row, goes through its tile machinery and deflates with zlib): 412 against 79 us for
+a 64 px student image at level 1 (`bench/png_encode.py`, docs/benchmarks.md). That CPU is taken on the event loop, from
 the cores the device thread computes on, so the service writes its PNGs here. Levels 1-3 deflate
 with ISA-L (`isal`, ~3x faster than zlib's level 1 and a little smaller), level 0 stores, 4-9 use zlib.
 """

@@ -55,3 +55,19 @@ def test_level_zero_stores_and_deflate_shrinks_smooth_images():
 def test_bad_input_is_named(image, level, message):
     with pytest.raises(ValueError, match=message):
         encode_png(image, level)
+
+
+def test_png_bench_times_both_writers_on_the_students_images(load_bench):
+    """bench/png_encode.py: a row per level and writer, both writers' files decode to the same pixels."""
+    bench = load_bench("png_encode")
+    rows = bench.main(["--tiny", "--images", "2", "--calls", "3", "--levels", "0", "1"])
+    assert [(r["level"], r["writer"]) for r in rows] == [
+        (0, "service/png.py"),
+        (0, "Pillow"),
+        (1, "service/png.py"),
+        (1, "Pillow"),
+    ]
+    assert all(r["us"] > 0 and r["bytes"] > 0 for r in rows)
+    image = RNG.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    for write in bench.WRITERS.values():
+        np.testing.assert_array_equal(decode(write(image, 1)), image)
