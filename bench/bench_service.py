@@ -66,6 +66,15 @@ def server(model: Path, max_batch_size: int, timeout: float = 300, decoder: str 
         yield url
 
 
+def bench_family(model: Path, tiny: bool) -> Path:
+    """The family a bench runs on, resolved: `model`, or with --tiny a random tiny one in a temp folder."""
+    if tiny:
+        from flash.tiny import write_tiny_family
+
+        model = write_tiny_family(Path(tempfile.mkdtemp()) / "tiny")
+    return model.resolve()
+
+
 def body(i: int, model: str = STUDENT, **extra) -> dict:
     return {"prompt": f"a red circle above a blue square {i}", "model": model, "seed": i, **extra}
 
@@ -376,12 +385,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
 
-    model = args.model
-    if args.tiny:
-        from flash.tiny import write_tiny_family
-
-        model = write_tiny_family(Path(tempfile.mkdtemp()) / "tiny")
-    model = model.resolve()
+    model = bench_family(args.model, args.tiny)
     n, k = args.requests, args.concurrency
 
     c = args.client

@@ -19,7 +19,6 @@ import asyncio
 import random
 import statistics
 import sys
-import tempfile
 import time
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -27,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_service import body, check, http_latencies, raw_senders  # noqa: E402
+from bench.bench_service import bench_family, body, check, http_latencies, raw_senders  # noqa: E402
 from service.testing import serve_in_process  # noqa: E402
 
 
@@ -79,12 +78,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--values", required=True, help="its values, comma-separated, alternating")
     p.add_argument("--runs", type=int, default=2, help="runs per value")
     args = p.parse_args(argv)
-    model = args.model
-    if args.tiny:
-        from flash.tiny import write_tiny_family
-
-        model = write_tiny_family(Path(tempfile.mkdtemp()) / "tiny")
-    model = model.resolve()
+    model = bench_family(args.model, args.tiny)
     results = []
     for run in range(args.runs):
         for value in args.values.split(","):

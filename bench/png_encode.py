@@ -14,7 +14,6 @@ import argparse
 import io
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_service import local_generator  # noqa: E402
+from bench.bench_service import bench_family, local_generator  # noqa: E402
 from service.png import encode_png  # noqa: E402
 
 
@@ -66,13 +65,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--calls", type=int, default=300, help="timed calls per image, writer and level")
     p.add_argument("--levels", type=int, nargs="+", default=[0, 1, 6])
     args = p.parse_args(argv)
-    model = args.model
-    if args.tiny:
-        from flash.tiny import write_tiny_family
-
-        model = write_tiny_family(Path(tempfile.mkdtemp()) / "tiny")
-        args.decoder = "full"
-    images = list(local_generator(model.resolve(), decoder=args.decoder)(list(range(args.images))))
+    model = bench_family(args.model, args.tiny)
+    decoder = "full" if args.tiny else args.decoder  # a tiny family has no fast decoder
+    images = list(local_generator(model, decoder=decoder)(list(range(args.images))))
     rows = compare(images, args.levels, args.calls)
     h, w = images[0].shape[:2]
     print(f"{len(images)} images {w}x{h} from the 3-step student; medians of {args.calls} calls each")

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,7 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_service import STUDENT, body, histogram_totals, http_throughput, server  # noqa: E402
+from bench.bench_service import STUDENT, bench_family, body, histogram_totals, http_throughput, server  # noqa: E402
 from service.metrics import STAGES  # noqa: E402
 
 
@@ -110,12 +109,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--repeats", type=int, default=6, help="in-process batches per round")
     args = p.parse_args(argv)
-    model = args.model
-    if args.tiny:
-        from flash.tiny import write_tiny_family
-
-        model = write_tiny_family(Path(tempfile.mkdtemp()) / "tiny")
-    model, n, k = model.resolve(), args.requests, args.concurrency
+    model, n, k = bench_family(args.model, args.tiny), args.requests, args.concurrency
     measure = in_process_stages(model, args.decoder, k, args.repeats)
     results = []
     with server(model, max_batch_size=k, decoder=args.decoder) as url:

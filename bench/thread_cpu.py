@@ -19,13 +19,12 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_service import http_throughput  # noqa: E402
+from bench.bench_service import bench_family, http_throughput  # noqa: E402
 from service.testing import serve_in_process  # noqa: E402
 
 TICK_S = 1 / os.sysconf("SC_CLK_TCK")
@@ -80,12 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--decoder", choices=["full", "tiny"], default="full")
     args = p.parse_args(argv)
 
-    model = args.model
-    if args.tiny:
-        from flash.tiny import write_tiny_family
-
-        model = write_tiny_family(Path(tempfile.mkdtemp()) / "tiny")
-    model = model.resolve()
+    model = bench_family(args.model, args.tiny)
     trees = [t.resolve() for t in args.tree or [ROOT]]
     env = {"FLASH_DECODER": args.decoder, "FLASH_QUEUE_SIZE": "1024", "FLASH_LOG_LEVEL": "warning",
            "FLASH_MAX_BATCH_SIZE": str(args.concurrency)}  # fmt: skip
